@@ -1,0 +1,160 @@
+"""The one interface every retriever implements."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[Image.Image, str, Path]
+"""An image, or the path of an image file."""
+
+Modality = Literal["image", "text"]
+
+
+@dataclass(frozen=True)
+class TextInfo:
+    """How the retriever's tokenizer sees one text."""
+
+    num_tokens: int
+    """Tokens the full text needs, special tokens included (may exceed the context length)."""
+    truncated: bool
+    """Whether the tokenizer had to cut the text to fit the context length."""
+
+
+class Retriever(ABC):
+    """A frozen dual encoder: texts (and images, or composed queries) to L2-normalised vectors.
+
+    Every ``encode_*`` method returns a float32 tensor of shape (n, ``dim``) on ``device`` whose
+    rows have unit L2 norm. ``corpus_modality`` says what the corpus items are (``image`` for
+    CLIP-style retrievers, ``text`` for text embedders); :meth:`encode_corpus` embeds them.
+    """
+
+    spec: str
+    """The spec string this retriever was built from (see :func:`grape_rewards.retrievers.create_retriever`)."""
+    dim: int
+    """Embedding dimension."""
+    device: torch.device
+    max_text_tokens: int
+    """The text encoder's context length, special tokens included."""
+    corpus_modality: Modality
+    random_init: bool = False
+    """True when the weights were randomly initialised (tests, benchmarks): embeddings carry no meaning."""
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A digest of everything that decides the corpus embeddings (architecture, weights, preprocessing).
+
+        An index built with one fingerprint must not be served with a retriever of another.
+        Random-initialised retrievers' fingerprints start with ``random-init-``.
+        """
+
+    @abstractmethod
+    def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
+        """Token count and truncation flag of each text under this retriever's tokenizer."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Embed texts (truncated to the context length) as (n, dim) unit vectors."""
+
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        """Embed images as (n, dim) unit vectors."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.spec}) does not encode images")
+
+    def encode_corpus(self, items: Sequence[ImageInput] | Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Embed corpus items of this retriever's ``corpus_modality``."""
+        if self.corpus_modality == "image":
+            return self.encode_images(items, batch_size=batch_size)  # type: ignore[arg-type]
+        return self.encode_texts(items, batch_size=batch_size)  # type: ignore[arg-type]
+
+    def fuse_queries(self, text_embeddings: torch.Tensor, reference_embeddings: torch.Tensor | None) -> torch.Tensor:
+        """Turn text embeddings (and, for composed retrieval, reference-image embeddings) into query vectors.
+
+        Plain retrievers ignore the reference; :class:`~grape_rewards.retrievers.composed.ComposedRetriever`
+        fuses it.
+        """
+        return text_embeddings
+
+    @property
+    def takes_reference(self) -> bool:
+        """Whether queries combine a reference image with the text (composed retrieval)."""
+        return False
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able summary for manifests and ``/info``."""
+        return {
+            "spec": self.spec,
+            "type": type(self).__name__,
+            "dim": self.dim,
+            "max_text_tokens": self.max_text_tokens,
+            "corpus_modality": self.corpus_modality,
+            "fingerprint": self.fingerprint,
+            "random_init": self.random_init,
+        }
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, in float32."""
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def batched(seq: Sequence, batch_size: int) -> Iterator[Sequence]:
+    """Consecutive slices of at most ``batch_size`` items."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(seq), batch_size):
+        yield seq[start:start + batch_size]
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Open an image (or pass one through) as RGB, with an error naming the file when it can't be read."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {image}") from None
+    except Exception as exc:  # PIL raises several types for unreadable files
+        raise ValueError(f"cannot read image {image}: {exc}") from exc
+
+
+def weights_digest(module: torch.nn.Module, *extra: object) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes, bytes) and any extra values."""
+    h = hashlib.sha256()
+    for value in extra:
+        h.update(repr(value).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None picks CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for but CUDA is not available; pass --device cpu")
+    return dev
+
+
+def warn_random_init(spec: str) -> None:
+    """The loud warning for random-initialised weights."""
+    msg = (f"RANDOM-INIT RETRIEVER {spec}: weights are random, embeddings carry NO semantics. "
+           "Use only for tests and speed benchmarks; never train or evaluate with it.")
+    logger.warning("!" * 20 + " " + msg + " " + "!" * 20)

@@ -1,0 +1,200 @@
+"""open_clip retrievers: any architecture with a pretrained tag, a local checkpoint, a local folder, or random weights.
+
+Text is encoded on its true token length: CLIP's text tower is causal and reads the end-of-text
+position, so the padding after the longest text of a batch can be dropped without changing the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import (
+    ImageInput,
+    Retriever,
+    TextInfo,
+    batched,
+    l2_normalize,
+    load_image,
+    resolve_device,
+    warn_random_init,
+    weights_digest,
+)
+
+
+class OpenCLIPRetriever(Retriever):
+    """A CLIP-style dual encoder from open_clip.
+
+    Args:
+        model_name: an open_clip architecture (``ViT-B-32``), or ``local-dir:<folder>`` / ``hf-hub:<repo>``.
+        pretrained: a pretrained tag (``openai``, ``laion2b_s34b_b79k``) or the path of a checkpoint file;
+            ignored for ``local-dir:`` / ``hf-hub:`` names.
+        random_init: random weights, for tests and benchmarks only (a loud warning; the fingerprint says so).
+        model_cfg: an architecture given as data (open_clip's JSON config), registered under ``model_name``.
+        pad_free: encode texts at the batch's longest true length (exact for causal, EOT-pooled towers).
+    """
+
+    corpus_modality = "image"
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        device: str | torch.device | None = "auto",
+        random_init: bool = False,
+        seed: int = 0,
+        model_cfg: dict[str, Any] | None = None,
+        pad_free: bool = True,
+        spec: str | None = None,
+    ) -> None:
+        import open_clip
+
+        self.spec = spec or f"open_clip:{model_name}/{pretrained or 'random'}"
+        self.device = resolve_device(device)
+        self.random_init = random_init
+        self.pad_free = pad_free
+        if model_cfg is not None:
+            _register_config(model_name, model_cfg)
+        if not random_init and not pretrained and not model_name.startswith(("local-dir:", "hf-hub:")):
+            tags = [t for m, t in open_clip.list_pretrained() if m == model_name]
+            raise ValueError(
+                f"open_clip retriever {self.spec!r} names no weights: pass open_clip:{model_name}/<tag> "
+                f"(tags: {', '.join(tags) or 'none known'}), open_clip:{model_name}/<path to checkpoint>, "
+                f"or random:open_clip:{model_name} for random weights (tests only)")
+        if pretrained and (pretrained.startswith((".", "/", "~")) or pretrained.endswith((".pt", ".bin", ".pth",
+                                                                                            ".safetensors"))):
+            if not Path(pretrained).expanduser().is_file():
+                raise FileNotFoundError(f"open_clip checkpoint {pretrained!r} (from {self.spec!r}) does not exist; "
+                                        "pass the path of an existing .pt/.bin/.safetensors file")
+            pretrained = str(Path(pretrained).expanduser())
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=None if random_init else pretrained, device="cpu",
+                    load_weights=not random_init)
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot load open_clip model {model_name!r} (pretrained={pretrained!r}) for {self.spec!r}: {exc}\n"
+                f"-> pass a local checkpoint (open_clip:{model_name}/<path/to/weights.bin>), a local folder "
+                "(open_clip:local-dir:<folder with open_clip_config.json>), or make the hub reachable; "
+                f"known architectures: open_clip.list_models()") from exc
+        self.model = model.eval().to(self.device)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.max_text_tokens = int(getattr(tokenizer, "context_length", None) or 77)
+        self.dim = _embed_dim(self.model)
+        self._model_name = model_name
+        self._fingerprint: str | None = None
+        if random_init:
+            warn_random_init(self.spec)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = weights_digest(self.model, "open_clip", self._model_name, repr(self.preprocess),
+                                    self.max_text_tokens)
+            self._fingerprint = ("random-init-" if self.random_init else "") + digest[:32]
+        return self._fingerprint
+
+    def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
+        out = []
+        for text in texts:
+            n = _num_tokens(self.tokenizer, text)
+            out.append(TextInfo(num_tokens=n, truncated=n > self.max_text_tokens))
+        return out
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        texts = list(texts)
+        out = torch.empty(len(texts), self.dim, device=self.device)
+        if not texts:
+            return out
+        tokens = self.tokenizer(texts)
+        lengths = (tokens != 0).sum(1) if self.pad_free else torch.full((len(texts),), tokens.shape[1])
+        order = torch.argsort(lengths, stable=True).tolist() if self.pad_free else list(range(len(texts)))
+        for idx in batched(order, batch_size):
+            batch = tokens[idx]
+            if self.pad_free:
+                batch = batch[:, : int(lengths[idx].max())]
+            emb = encode_text_tokens(self.model, batch.to(self.device), pad_free=self.pad_free)
+            out[torch.tensor(idx, device=self.device)] = l2_normalize(emb)
+        return out
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
+        chunks = []
+        for batch in batched(list(images), batch_size):
+            pixels = torch.stack([self.preprocess(load_image(im)) for im in batch]).to(self.device)
+            chunks.append(l2_normalize(self.model.encode_image(pixels)))
+        return torch.cat(chunks) if chunks else torch.empty(0, self.dim, device=self.device)
+
+
+def _register_config(model_name: str, model_cfg: dict[str, Any]) -> None:
+    from open_clip.factory import _MODEL_CONFIGS
+
+    _MODEL_CONFIGS[model_name] = dict(model_cfg)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    proj = getattr(model, "text_projection", None)
+    if proj is None and hasattr(model, "text"):
+        proj = getattr(model.text, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return int(proj.out_features)
+    if isinstance(proj, torch.Tensor):
+        return int(proj.shape[1])
+    with torch.inference_mode():
+        return int(model.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[-1])
+
+
+def _num_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens the whole text needs, start and end tokens included."""
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+    if inner is not None and callable(inner):
+        return len(inner(text, truncation=False, verbose=False)["input_ids"])
+    return len(tokenizer.encode(text)) + 2
+
+
+def _text_tower(model: torch.nn.Module) -> Any | None:
+    """The module holding the causal text transformer's parts, when trailing padding can be dropped exactly."""
+    tower = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+    pool = getattr(tower, "pool_type", None) or getattr(tower, "text_pool_type", None)
+    if not all(hasattr(tower, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+        return None
+    if getattr(tower, "attn_mask", None) is None or pool not in ("argmax", "eos"):
+        return None  # bidirectional or last/first-token pooling: padding changes the result
+    if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+        return None
+    return tower
+
+
+def encode_text_tokens(model: torch.nn.Module, tokens: torch.Tensor, pad_free: bool = True) -> torch.Tensor:
+    """Run open_clip's text tower on ``tokens`` of any length up to the context length.
+
+    For causal towers pooled at the end-of-text token, the result equals that of the padded encoder.
+    """
+    from open_clip.transformer import text_global_pool
+
+    tower = _text_tower(model) if pad_free else None
+    if tower is None:
+        ctx = int(getattr(model, "context_length", 0) or tokens.shape[1])
+        if tokens.shape[1] < ctx:
+            tokens = torch.nn.functional.pad(tokens, (0, ctx - tokens.shape[1]))
+        return model.encode_text(tokens)
+    seq = tokens.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:seq].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:seq, :seq])
+    x = tower.ln_final(x)
+    pool = getattr(tower, "pool_type", None) or getattr(tower, "text_pool_type", None)
+    eos = getattr(tower, "eos_id", None) or getattr(tower, "text_eos_id", None)
+    x = text_global_pool(x, tokens, pool, eos_token_id=eos)
+    proj = tower.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x

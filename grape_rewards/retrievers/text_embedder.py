@@ -1,0 +1,89 @@
+"""A text-embedding retriever: a transformers encoder, mean-pooled over real tokens, L2-normalised.
+
+This is how sentence-transformers models such as all-MiniLM-L6-v2 embed text; the corpus is text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .base import Retriever, TextInfo, batched, l2_normalize, resolve_device, warn_random_init, weights_digest
+from .loading import load_hf_parts, resolve_model_path
+
+
+class TextEmbedder(Retriever):
+    """Mean-pooled transformers encoder (BERT, MiniLM, XLM-R, ...) for text corpora.
+
+    Args:
+        model: a local model folder or a hub name (downloaded if the hub is reachable).
+        device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
+        max_length: context length; default: the folder's ``sentence_bert_config.json`` ``max_seq_length``,
+            else the tokenizer's/model's limit.
+        random_init: build the architecture from its config with random weights (tests, benchmarks).
+    """
+
+    corpus_modality = "text"
+
+    def __init__(
+        self,
+        model: str,
+        device: str | torch.device | None = "auto",
+        max_length: int | None = None,
+        random_init: bool = False,
+        seed: int = 0,
+        spec: str | None = None,
+    ) -> None:
+        self.spec = spec or f"text:{model}"
+        self.device = resolve_device(device)
+        self.random_init = random_init
+        model = resolve_model_path(model)
+        self.model, self.tokenizer = load_hf_parts(model, kind="text", random_init=random_init, seed=seed,
+                                                   spec=self.spec)
+        self.model.eval().to(self.device)
+        self.max_text_tokens = max_length or _default_max_length(model, self.model, self.tokenizer)
+        self.dim = int(self.model.config.hidden_size)
+        self._seed = seed
+        self._fingerprint: str | None = None
+        if random_init:
+            warn_random_init(self.spec)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            digest = weights_digest(self.model, "text-embedder", "mean-pool", self.max_text_tokens)
+            self._fingerprint = ("random-init-" if self.random_init else "") + digest[:32]
+        return self._fingerprint
+
+    def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
+        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+        return [TextInfo(num_tokens=n, truncated=n > self.max_text_tokens) for n in lengths]
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        texts = list(texts)
+        out = torch.empty(len(texts), self.dim, device=self.device)
+        # Batches of similar length pad little; mean pooling over the attention mask makes it exact.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for idx in batched(order, batch_size):
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                 max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out[torch.tensor(idx, device=self.device)] = l2_normalize(pooled)
+        return out
+
+
+def _default_max_length(model_path: str, model: torch.nn.Module, tokenizer: object) -> int:
+    st_config = Path(model_path) / "sentence_bert_config.json"
+    if st_config.is_file():
+        value = json.loads(st_config.read_text()).get("max_seq_length")
+        if value:
+            return int(value)
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(v) for v in limits if isinstance(v, int) and 0 < v < 100_000]
+    return min(limits) if limits else 512

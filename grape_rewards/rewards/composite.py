@@ -1,0 +1,91 @@
+"""The per-sample composite reward: weighted named parts, penalties, and the statistics logged beside it."""
+
+from __future__ import annotations
+
+from .config import RewardConfig
+from .format import Extraction
+from .shapes import rank_reward
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10)
+
+
+def sample_keys(config: RewardConfig) -> tuple[str, ...]:
+    """The keys every scored sample carries, in order (fixed for a given config).
+
+    >>> sample_keys(RewardConfig())[:3]
+    ('reward', 'part_rank', 'part_similarity')
+    """
+    keys = ["reward", "part_rank", "part_similarity", "part_format", "rank", "n"]
+    keys += [f"recall_at_{k}" for k in RECALL_KS]
+    keys += ["target_sim", "mean_sim", "best_nontarget_sim", "margin", "format_ok", "truncated", "num_tokens"]
+    if config.relative:
+        keys += ["original_rank"]
+    return tuple(keys)
+
+
+def score_sample(
+    config: RewardConfig,
+    extraction: Extraction,
+    rank: int,
+    n: int,
+    target_sim: float,
+    mean_sim: float,
+    best_nontarget_sim: float,
+    num_tokens: int = 0,
+    truncated: bool = False,
+    original_rank: int | None = None,
+) -> dict[str, float]:
+    """Combine one sample's rank statistics and format into the reward and its logged components.
+
+    reward = w_rank * part_rank + w_similarity * target_sim + w_format * format_ok
+             - overlong_penalty * overlong - truncation_penalty * truncated,
+    where part_rank = shape(rank) (or shape(rank) - shape(original_rank) in the relative mode).
+    An empty or missing rewrite gets ``invalid_reward`` and the worst statistics (rank = n).
+
+    >>> from grape_rewards.rewards.format import Extraction
+    >>> out = score_sample(RewardConfig(), Extraction("a dog", "ok"), rank=3, n=100,
+    ...                    target_sim=0.5, mean_sim=0.1, best_nontarget_sim=0.6)
+    >>> out["reward"], out["margin"], out["recall_at_5"]
+    (0.5, -0.09999999999999998, 1.0)
+    """
+    fmt = config.format
+    if config.relative and original_rank is None:
+        raise ValueError("the relative reward needs the original query's rank")
+    if not extraction.scorable:
+        rank, target_sim, mean_sim, best_nontarget_sim, num_tokens, truncated = n, 0.0, 0.0, 0.0, 0, False
+    part_rank = rank_reward(rank, n, config.shape, config.k)
+    if config.relative:
+        assert original_rank is not None
+        part_rank -= rank_reward(original_rank, n, config.shape, config.k)
+    part_format = 1.0 if extraction.ok else 0.0
+    w = config.weights
+    if extraction.scorable:
+        reward = w["rank"] * part_rank + w["similarity"] * target_sim + w["format"] * part_format
+        if extraction.status == "overlong":
+            reward -= fmt.overlong_penalty
+        if truncated:
+            reward -= fmt.truncation_penalty
+    else:
+        reward = fmt.invalid_reward
+    out = {
+        "reward": float(reward),
+        "part_rank": float(part_rank),
+        "part_similarity": float(target_sim),
+        "part_format": part_format,
+        "rank": float(rank),
+        "n": float(n),
+    }
+    for k in RECALL_KS:
+        out[f"recall_at_{k}"] = 1.0 if extraction.scorable and rank <= k else 0.0
+    out.update(
+        target_sim=float(target_sim),
+        mean_sim=float(mean_sim),
+        best_nontarget_sim=float(best_nontarget_sim),
+        margin=float(target_sim - best_nontarget_sim),
+        format_ok=part_format,
+        truncated=1.0 if truncated else 0.0,
+        num_tokens=float(num_tokens),
+    )
+    if config.relative:
+        out["original_rank"] = float(original_rank)  # type: ignore[arg-type]
+    return out

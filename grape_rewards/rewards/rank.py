@@ -1,0 +1,147 @@
+"""Corpus-relative rank of a query's target(s), computed exactly by chunked matrix products.
+
+The rank of a query ``q`` with targets ``T`` over a corpus ``C``, excluding ``E``::
+
+    r = 1 + |{c in C \\ (T ∪ E) : s(q, c) > max_{t in T} s(q, t)}|
+    N = |C \\ (T ∪ E)| + 1
+
+``s`` is the dot product of L2-normalised embeddings (cosine similarity). Ties count in the
+target's favour: an item must score strictly higher than the best target to push it down.
+The target scores come from the same float32 arithmetic as the corpus scan, but through a
+different kernel; scores that tie only up to the last bit of float32 may be ordered either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+"""Upper bound on query x corpus scores held at once (64 MiB of float32)."""
+
+
+@dataclass(frozen=True)
+class RankStats:
+    """Per-query ranking statistics; every field is a 1-D tensor of length Q (on the CPU)."""
+
+    rank: torch.Tensor
+    """1 + number of non-target, non-excluded items scoring above the best target (int64)."""
+    n: torch.Tensor
+    """Number of candidates the rank is taken over: non-target, non-excluded items + 1 (int64)."""
+    target_sim: torch.Tensor
+    """Similarity to the best target (float32)."""
+    mean_sim: torch.Tensor
+    """Mean similarity to the non-target, non-excluded items (0 when there are none)."""
+    best_nontarget_sim: torch.Tensor
+    """Highest similarity among non-target, non-excluded items (-1 when there are none)."""
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """Similarity to the best target minus similarity to the best non-target."""
+        return self.target_sim - self.best_nontarget_sim
+
+
+def _pairs(rows: Sequence[Sequence[int]], num_queries: int, num_items: int, what: str) -> torch.Tensor:
+    """Flatten per-query row lists into a (2, P) tensor of (query, row) pairs, validated."""
+    if len(rows) != num_queries:
+        raise ValueError(f"{what}: got {len(rows)} lists for {num_queries} queries")
+    q_idx: list[int] = []
+    r_idx: list[int] = []
+    for i, row_list in enumerate(rows):
+        for r in row_list:
+            r = int(r)
+            if not 0 <= r < num_items:
+                raise ValueError(f"{what}: row {r} of query {i} is outside the corpus (size {num_items})")
+            q_idx.append(i)
+            r_idx.append(r)
+    return torch.tensor([q_idx, r_idx], dtype=torch.long).reshape(2, -1)
+
+
+def chunk_rows(num_queries: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Corpus rows per chunk so that a chunk of scores holds at most ``chunk_elements`` floats.
+
+    >>> chunk_rows(1024, 1 << 24)
+    16384
+    >>> chunk_rows(10**9, 1000)
+    1
+    """
+    return max(1, chunk_elements // max(1, num_queries))
+
+
+@torch.inference_mode()
+def corpus_rank(
+    queries: torch.Tensor,
+    corpus: torch.Tensor,
+    targets: Sequence[Sequence[int]],
+    excluded: Sequence[Sequence[int]] | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> RankStats:
+    """Rank each query's best target among the whole corpus.
+
+    Args:
+        queries: (Q, D) L2-normalised query embeddings.
+        corpus: (N, D) L2-normalised corpus embeddings (any float dtype; scored in float32
+            on the corpus' device).
+        targets: for each query, the corpus rows of its targets (at least one).
+        excluded: for each query, corpus rows left out of the ranking (e.g. CIRR's reference image).
+        chunk_elements: at most this many query x corpus scores are held at once.
+
+    >>> c = torch.eye(4)
+    >>> q = torch.tensor([[0.6, 0.8, 0.0, 0.0]])
+    >>> s = corpus_rank(q, c, targets=[[0]])
+    >>> int(s.rank[0]), int(s.n[0])
+    (2, 4)
+    >>> int(corpus_rank(q, c, targets=[[0]], excluded=[[1]]).rank[0])
+    1
+    """
+    if queries.ndim != 2 or corpus.ndim != 2:
+        raise ValueError(f"queries and corpus must be 2-D, got {tuple(queries.shape)} and {tuple(corpus.shape)}")
+    if queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"dimension mismatch: queries are {queries.shape[1]}-d, corpus is {corpus.shape[1]}-d")
+    num_queries, num_items = queries.shape[0], corpus.shape[0]
+    for i, t in enumerate(targets):
+        if len(t) == 0:
+            raise ValueError(f"query {i} has no target")
+    device = corpus.device
+    q = queries.to(device=device, dtype=torch.float32)
+
+    target_pairs = _pairs(targets, num_queries, num_items, "targets").to(device)
+    excluded_pairs = _pairs(excluded if excluded is not None else [[] for _ in range(num_queries)],
+                            num_queries, num_items, "excluded")
+    masked = torch.cat([target_pairs, excluded_pairs.to(device)], dim=1)
+    # Deduplicate (query, row) pairs: a row that is both a target and excluded is removed once.
+    masked = torch.unique(masked[0] * num_items + masked[1])
+    mq, mr = masked // num_items, masked % num_items
+
+    tq, tr = target_pairs
+    pair_scores = (q[tq] * corpus[tr].to(torch.float32)).sum(-1)
+    target_sim = torch.full((num_queries,), float("-inf"), device=device)
+    target_sim.scatter_reduce_(0, tq, pair_scores, reduce="amax")
+
+    count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
+    total = torch.zeros(num_queries, dtype=torch.float64, device=device)
+    best = torch.full((num_queries,), float("-inf"), device=device)
+    step = chunk_rows(num_queries, chunk_elements)
+    for start in range(0, num_items, step):
+        end = min(start + step, num_items)
+        scores = q @ corpus[start:end].to(torch.float32).T
+        sel = (mr >= start) & (mr < end)
+        sq, sr = mq[sel], mr[sel] - start
+        scores[sq, sr] = float("nan")  # NaN is never > threshold and is skipped below
+        count_above += (scores > target_sim[:, None]).sum(1)
+        total += torch.nan_to_num(scores, nan=0.0).sum(1, dtype=torch.float64)
+        best = torch.maximum(best, torch.nan_to_num(scores, nan=float("-inf")).amax(1))
+
+    num_masked = torch.bincount(mq, minlength=num_queries)
+    n_others = num_items - num_masked
+    mean_sim = torch.where(n_others > 0, total / n_others.clamp(min=1), torch.zeros_like(total))
+    best = torch.where(n_others > 0, best, torch.full_like(best, -1.0))
+    return RankStats(
+        rank=(count_above + 1).cpu(),
+        n=(n_others + 1).cpu(),
+        target_sim=target_sim.cpu(),
+        mean_sim=mean_sim.to(torch.float32).cpu(),
+        best_nontarget_sim=best.cpu(),
+    )
