@@ -1,0 +1,179 @@
+"""An embedded corpus on disk and in memory: float16 embeddings, ids, and a manifest.
+
+Layout of an index folder::
+
+    manifest.json            format, retriever spec + fingerprint, dim, count, dtype, checksums, created_at
+    embeddings.safetensors   {"embeddings": (count, dim) float16}
+    ids.json                 ["id0", "id1", ...]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, corpus_rank
+from .files import sha256_file
+
+INDEX_FORMAT = "grape-rewards-index"
+INDEX_VERSION = 1
+MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.safetensors"
+IDS = "ids.json"
+
+
+class IndexError_(RuntimeError):
+    """An index folder that cannot be used as asked; the message says why and what to do."""
+
+
+class UnknownIdError(KeyError):
+    """An id that is not in the corpus (the training data names an item the index does not hold)."""
+
+    def __init__(self, item_id: str, index_name: str = "the corpus") -> None:
+        super().__init__(item_id)
+        self.item_id = item_id
+        self.message = f"unknown corpus id {item_id!r}: not in {index_name}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of an index folder, with a clear error when it is not one."""
+    folder = Path(path)
+    manifest_file = folder / MANIFEST
+    if not manifest_file.is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        hint = f" (an interrupted build is in {partial}: rerun the same build to resume)" if partial.exists() else ""
+        raise IndexError_(f"{folder} is not a grape-rewards index: {MANIFEST} is missing{hint}")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise IndexError_(f"{manifest_file} is not valid JSON: {exc}") from None
+    if manifest.get("format") != INDEX_FORMAT:
+        raise IndexError_(f"{manifest_file} is not a grape-rewards index manifest (format={manifest.get('format')!r})")
+    if manifest.get("version", 0) > INDEX_VERSION:
+        raise IndexError_(f"{manifest_file} has format version {manifest['version']}; this grape-rewards reads "
+                          f"version {INDEX_VERSION} and older: upgrade grape-rewards")
+    return manifest
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on the CPU (fast matmuls), the stored float16 on GPUs (half the memory, fp32 accumulation)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+class CorpusIndex:
+    """Embeddings of a corpus, their ids, and the manifest naming the retriever that made them."""
+
+    def __init__(self, embeddings: torch.Tensor, ids: Sequence[str], manifest: dict[str, Any] | None = None,
+                 path: str | Path | None = None) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+            raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match {len(ids)} ids")
+        self.embeddings = embeddings
+        self.ids = list(ids)
+        self.row_of = {item_id: row for row, item_id in enumerate(self.ids)}
+        if len(self.row_of) != len(self.ids):
+            raise ValueError("duplicate ids in the index")
+        self.manifest = manifest or {}
+        self.path = Path(path) if path is not None else None
+        self._searcher: Any = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.manifest.get("retriever", {}).get("fingerprint")
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path else "the in-memory index"
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        expected_fingerprint: str | None = None,
+        expected_spec: str | None = None,
+        verify_checksum: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> CorpusIndex:
+        """Load an index folder, verifying its checksums and (when given) the retriever fingerprint.
+
+        Args:
+            expected_fingerprint: the fingerprint of the retriever the index will be used with; a
+                different one is refused (mismatched embeddings give meaningless rewards).
+            dtype: the in-memory dtype; default float32 on the CPU, float16 on GPUs.
+        """
+        folder = Path(path)
+        manifest = read_manifest(folder)
+        built_with = manifest.get("retriever", {})
+        if expected_fingerprint is not None and built_with.get("fingerprint") != expected_fingerprint:
+            raise IndexError_(
+                f"index {folder} was built with retriever {built_with.get('spec')!r} (fingerprint "
+                f"{built_with.get('fingerprint')}), but it is being used with "
+                f"{expected_spec or 'a retriever'!s} (fingerprint {expected_fingerprint}); embeddings from "
+                "different models give meaningless rewards. Use the retriever the index was built with, or "
+                f"rebuild it: grape-rewards index build --retriever {expected_spec or '<spec>'} ...")
+        files = manifest.get("checksums", {})
+        for name in (EMBEDDINGS, IDS):
+            file = folder / name
+            if not file.is_file():
+                raise IndexError_(f"index {folder} is incomplete: {name} is missing")
+            if verify_checksum and files.get(name) != sha256_file(file):
+                raise IndexError_(f"index {folder}: checksum of {name} does not match the manifest (the file "
+                                  "is corrupt or was changed after the build); rebuild the index")
+        embeddings = load_file(str(folder / EMBEDDINGS))["embeddings"]
+        ids = json.loads((folder / IDS).read_text(encoding="utf-8"))
+        if embeddings.shape != (manifest["count"], manifest["dim"]) or len(ids) != manifest["count"]:
+            raise IndexError_(f"index {folder}: files hold {tuple(embeddings.shape)} embeddings and {len(ids)} ids, "
+                              f"the manifest says {manifest['count']} x {manifest['dim']}")
+        dev = torch.device(device)
+        embeddings = embeddings.to(device=dev, dtype=dtype or default_compute_dtype(dev))
+        return cls(embeddings, ids, manifest, folder)
+
+    def rows(self, ids: Sequence[str]) -> list[int]:
+        """Corpus rows of ``ids``; an unknown id raises :class:`UnknownIdError` naming it."""
+        out = []
+        for item_id in ids:
+            row = self.row_of.get(str(item_id))
+            if row is None:
+                raise UnknownIdError(str(item_id), self.name)
+            out.append(row)
+        return out
+
+    def rank(
+        self,
+        queries: torch.Tensor,
+        target_ids: Sequence[Sequence[str]],
+        excluded_ids: Sequence[Sequence[str]] | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> RankStats:
+        """Exact corpus-relative rank of each query's targets (see :func:`grape_rewards.rewards.corpus_rank`)."""
+        targets = [self.rows(t) for t in target_ids]
+        excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else None
+        return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements)
+
+    def search(self, queries: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, list[list[str]]]:
+        """Top-``k`` corpus items of each query: (scores (Q, k), ids). FAISS when installed, else exact torch."""
+        from .search import build_searcher
+
+        if self._searcher is None or (backend != "auto" and self._searcher.backend != backend):
+            self._searcher = build_searcher(self.embeddings, backend=backend)
+        scores, rows = self._searcher.search(queries, min(k, len(self)))
+        return scores, [[self.ids[r] for r in row if r >= 0] for row in rows.tolist()]

@@ -1,0 +1,157 @@
+"""Where corpus items come from: an image folder, or a JSONL/CSV manifest of (id, image path) or (id, text)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class CorpusSourceError(ValueError):
+    """A corpus source that cannot be indexed; the message names the file, line and problem."""
+
+
+@dataclass
+class CorpusSource:
+    """The items of a corpus, in order: ids and, per id, an image path or a text."""
+
+    ids: list[str]
+    items: list[str]
+    modality: Literal["image", "text"]
+    origin: str = ""
+    """Where the items came from (for the manifest)."""
+    _digest: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.items):
+            raise CorpusSourceError(f"{self.origin}: {len(self.ids)} ids for {len(self.items)} items")
+        if not self.ids:
+            raise CorpusSourceError(f"{self.origin or 'corpus source'}: no items")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the ids and items, in order: what a resumed build checks it is resuming."""
+        if self._digest is None:
+            h = hashlib.sha256(self.modality.encode())
+            for i, item in zip(self.ids, self.items):
+                h.update(json.dumps([i, item], ensure_ascii=False).encode())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    @classmethod
+    def from_records(cls, records: Iterable[tuple[str, str]], modality: Literal["image", "text"],
+                     origin: str = "records") -> CorpusSource:
+        """From (id, image path or text) pairs, checked like a manifest."""
+        ids, items, seen = [], [], {}
+        for n, (item_id, payload) in enumerate(records, start=1):
+            _check_record(str(item_id), payload, modality, seen, f"{origin}: record {n}")
+            seen[str(item_id)] = n
+            ids.append(str(item_id))
+            items.append(payload)
+        return cls(ids, items, modality, origin)
+
+
+def _check_record(item_id: str, payload: str, modality: str, seen: dict[str, int], where: str) -> None:
+    if not item_id:
+        raise CorpusSourceError(f"{where}: empty id")
+    if item_id in seen:
+        raise CorpusSourceError(f"{where}: duplicate id {item_id!r} (first seen at {seen[item_id]})")
+    if not isinstance(payload, str) or not payload.strip():
+        raise CorpusSourceError(f"{where}: id {item_id!r} has an empty {modality}")
+    if modality == "image" and not Path(payload).is_file():
+        raise CorpusSourceError(f"{where}: image file of id {item_id!r} not found: {payload}")
+
+
+def read_image_folder(folder: str | Path) -> CorpusSource:
+    """Every image file under ``folder`` (recursively, sorted); the id is the file name without extension."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise CorpusSourceError(f"image folder {root} does not exist")
+    ids, items, seen = [], [], {}
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        item_id = path.stem
+        if item_id in seen:
+            raise CorpusSourceError(f"{root}: two images share the id {item_id!r}: {seen[item_id]} and {path}; "
+                                    "use a JSONL or CSV manifest to give them distinct ids")
+        seen[item_id] = path
+        ids.append(item_id)
+        items.append(str(path))
+    if not ids:
+        raise CorpusSourceError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return CorpusSource(ids, items, "image", str(root))
+
+
+def _record_fields(record: dict, where: str) -> tuple[str, str, Literal["image", "text"]]:
+    if "id" not in record:
+        raise CorpusSourceError(f"{where}: missing field 'id'")
+    has_image, has_text = record.get("image") not in (None, ""), record.get("text") not in (None, "")
+    if has_image == has_text:
+        raise CorpusSourceError(f"{where}: expected exactly one of the fields 'image' (a path) or 'text'")
+    if has_image:
+        return str(record["id"]), str(record["image"]), "image"
+    return str(record["id"]), str(record["text"]), "text"
+
+
+def read_manifest(path: str | Path) -> CorpusSource:
+    """A JSONL (``{"id": ..., "image": path}`` or ``{"id": ..., "text": ...}`` per line) or CSV (header
+    ``id,image`` or ``id,text``) manifest. Relative image paths are read from the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusSourceError(f"manifest {path} does not exist")
+    ids: list[str] = []
+    items: list[str] = []
+    seen: dict[str, int] = {}
+    modality: str | None = None
+    for line_no, record in _manifest_records(path):
+        where = f"{path}:{line_no}"
+        item_id, payload, kind = _record_fields(record, where)
+        if modality is None:
+            modality = kind
+        elif kind != modality:
+            raise CorpusSourceError(f"{where}: {kind} item in a corpus of {modality} items")
+        if kind == "image" and not Path(payload).is_absolute():
+            payload = str(path.parent / payload)
+        _check_record(item_id, payload, kind, seen, where)
+        seen[item_id] = line_no
+        ids.append(item_id)
+        items.append(payload)
+    if modality is None:
+        raise CorpusSourceError(f"manifest {path} holds no items")
+    return CorpusSource(ids, items, modality, str(path))  # type: ignore[arg-type]
+
+
+def _manifest_records(path: Path) -> Iterable[tuple[int, dict]]:
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "id" not in reader.fieldnames:
+                raise CorpusSourceError(f"{path}:1: the CSV header must name an 'id' column and 'image' or 'text'")
+            for n, row in enumerate(reader, start=2):
+                yield n, row
+        return
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusSourceError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise CorpusSourceError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+            yield n, record
+
+
+def read_source(path: str | Path) -> CorpusSource:
+    """An image folder, or a ``.jsonl`` / ``.json`` / ``.csv`` manifest."""
+    p = Path(path)
+    return read_image_folder(p) if p.is_dir() else read_manifest(p)

@@ -1,0 +1,243 @@
+"""The one code path that turns rewrites into rewards: extract, encode (cached), rank over the corpus, compose.
+
+The CLI's ``score``, the reward service and the in-process adapters all call :class:`RewardScorer`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .corpus.index import CorpusIndex, IndexError_
+from .retrievers.base import Retriever, TextInfo
+from .rewards.composite import sample_keys, score_sample
+from .rewards.config import RewardConfig
+from .rewards.format import Extraction, extract_rewrite
+from .rewards.rank import DEFAULT_CHUNK_ELEMENTS
+
+
+class RewardItem(BaseModel):
+    """One sample to score: the completion (or an already-extracted rewrite) and where its target is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion: str | None = None
+    """The model's response; the rewrite is extracted from it (answer tags, reasoning block, special tokens)."""
+    rewrite: str | None = None
+    """An already-extracted rewrite; used as is when ``completion`` is not given."""
+    target_ids: list[str] = Field(min_length=1)
+    excluded_ids: list[str] = Field(default_factory=list)
+    reference_id: str | None = None
+    """Composed retrieval: the reference image (always excluded from the ranking; fused into the query)."""
+    query_id: str | None = None
+    original_query: str | None = None
+    """The query before rewriting: needed by the relative mode, and scored for comparison."""
+
+
+def normalize_text(text: str) -> str:
+    """Cache key of a text: whitespace collapsed and stripped.
+
+    >>> normalize_text("  a   dog\\n")
+    'a dog'
+    """
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class LRUCache:
+    """A small thread-safe LRU map with hit/miss counters."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: object) -> object | None:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: object, value: object) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass
+class ScoredBatch:
+    samples: list[dict[str, float]]
+    timings: dict[str, float] = field(default_factory=dict)
+    """``encode_s``, ``rank_s``, ``total_s`` and cache counts of this batch."""
+
+
+class RewardScorer:
+    """Score rewrites with a retriever over an index, under a reward config. Thread-safe.
+
+    Args:
+        cache_size: query embeddings kept (GRPO groups repeat rewrites); original-query ranks keep as many.
+        chunk_elements: bound on the query x corpus scores held at once.
+    """
+
+    def __init__(self, retriever: Retriever, index: CorpusIndex, config: RewardConfig | None = None,
+                 cache_size: int = 65536, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 encode_batch_size: int = 256) -> None:
+        if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
+            raise IndexError_(
+                f"index {index.name} was built with retriever {index.manifest['retriever'].get('spec')!r} "
+                f"(fingerprint {index.fingerprint}), not {retriever.spec!r} (fingerprint {retriever.fingerprint}); "
+                "mismatched embeddings give meaningless rewards")
+        if index.dim != retriever.dim:
+            raise IndexError_(f"index {index.name} holds {index.dim}-d embeddings, {retriever.spec!r} makes "
+                              f"{retriever.dim}-d ones")
+        self.retriever = retriever
+        self.index = index
+        self.config = config or RewardConfig()
+        self.chunk_elements = chunk_elements
+        self.encode_batch_size = encode_batch_size
+        self.embedding_cache = LRUCache(cache_size)
+        self.original_rank_cache = LRUCache(cache_size)
+        self.keys = sample_keys(self.config)
+        self._lock = threading.Lock()
+
+    # -- validation -----------------------------------------------------------------------------------
+    def check_ids(self, items: Sequence[RewardItem]) -> None:
+        """Raise :class:`~grape_rewards.corpus.UnknownIdError` for the first id the index does not hold."""
+        for item in items:
+            self.index.rows(item.target_ids)
+            self.index.rows(item.excluded_ids)
+            if item.reference_id is not None:
+                self.index.rows([item.reference_id])
+            elif self.retriever.takes_reference:
+                raise ValueError(f"{self.retriever.spec!r} fuses the reference image into the query: every item "
+                                 "needs a reference_id")
+
+    # -- encoding -------------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[TextInfo]]:
+        """Embeddings (on the index's device) and token info of texts, through the LRU cache."""
+        fp = self.retriever.fingerprint
+        keys = [(fp, normalize_text(t)) for t in texts]
+        found: dict[tuple[str, str], tuple[torch.Tensor, TextInfo]] = {}
+        missing: list[str] = []
+        for key in keys:
+            if key in found:
+                continue
+            hit = self.embedding_cache.get(key)
+            if hit is not None:
+                found[key] = hit  # type: ignore[assignment]
+            elif key[1] not in missing:
+                missing.append(key[1])
+        if missing:
+            emb = self.retriever.encode_texts(missing, batch_size=self.encode_batch_size).to("cpu", torch.float32)
+            infos = self.retriever.text_info(missing)
+            for text, e, info in zip(missing, emb, infos):
+                found[(fp, text)] = (e, info)
+                self.embedding_cache.put((fp, text), (e, info))
+        if not keys:
+            return torch.empty(0, self.retriever.dim, device=self.index.device), []
+        emb = torch.stack([found[k][0] for k in keys]).to(self.index.device)
+        return emb, [found[k][1] for k in keys]
+
+    def _queries(self, texts: Sequence[str], references: Sequence[str | None]) -> tuple[torch.Tensor, list[TextInfo]]:
+        emb, infos = self.encode(texts)
+        if self.retriever.takes_reference:
+            ref = self.index.embeddings[self.index.rows([r for r in references if r is not None])].float()
+            emb = self.retriever.fuse_queries(emb, ref)
+        return emb, infos
+
+    # -- scoring --------------------------------------------------------------------------------------
+    def extract(self, item: RewardItem) -> Extraction:
+        fmt = self.config.format
+        text = item.completion if item.completion is not None else item.rewrite
+        return extract_rewrite(text, fmt.answer_tag, fmt.require_answer_tag and item.completion is not None,
+                               fmt.max_chars)
+
+    def original_ranks(self, items: Sequence[RewardItem]) -> list[int | None]:
+        """Rank of each item's original query (cached); None where no original query is given."""
+        out: list[int | None] = [None] * len(items)
+        todo: list[int] = []
+        keys = []
+        for i, item in enumerate(items):
+            key = None
+            if item.original_query is not None and item.original_query.strip():
+                key = (self.retriever.fingerprint, normalize_text(item.original_query), tuple(item.target_ids),
+                       tuple(item.excluded_ids), item.reference_id)
+                cached = self.original_rank_cache.get(key)
+                if cached is not None:
+                    out[i] = int(cached)  # type: ignore[call-overload]
+                else:
+                    todo.append(i)
+            keys.append(key)
+        if todo:
+            emb, _ = self._queries([items[i].original_query or "" for i in todo], [items[i].reference_id for i in todo])
+            stats = self.index.rank(emb, [items[i].target_ids for i in todo], [self._excluded(items[i]) for i in todo],
+                                    chunk_elements=self.chunk_elements)
+            for j, i in enumerate(todo):
+                out[i] = int(stats.rank[j])
+                self.original_rank_cache.put(keys[i], out[i])
+        return out
+
+    @staticmethod
+    def _excluded(item: RewardItem) -> list[str]:
+        return item.excluded_ids + ([item.reference_id] if item.reference_id is not None else [])
+
+    def score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
+        """Score a batch; every sample gets the same keys (:attr:`keys`)."""
+        with self._lock:
+            return self._score_batch(items)
+
+    def score(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
+        return self.score_batch(items).samples
+
+    def _score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
+        t0 = time.perf_counter()
+        hits0, misses0 = self.embedding_cache.hits, self.embedding_cache.misses
+        self.check_ids(items)
+        extractions = [self.extract(item) for item in items]
+        scorable = [i for i, ex in enumerate(extractions) if ex.scorable]
+        if self.config.relative and any(not (it.original_query or "").strip() for it in items):
+            raise ValueError("the relative reward mode needs original_query on every item")
+        originals = self.original_ranks(items)
+        t1 = time.perf_counter()
+        emb, infos = self._queries([extractions[i].text for i in scorable], [items[i].reference_id for i in scorable])
+        t2 = time.perf_counter()
+        stats = self.index.rank(emb, [items[i].target_ids for i in scorable],
+                                [self._excluded(items[i]) for i in scorable], chunk_elements=self.chunk_elements)
+        # N depends only on the targets and exclusions; unscorable items need it too.
+        n_all = [len(self.index) - len(set(it.target_ids) | set(self._excluded(it))) + 1 for it in items]
+        t3 = time.perf_counter()
+        samples: list[dict[str, float]] = []
+        where = {i: j for j, i in enumerate(scorable)}
+        for i, (item, ex) in enumerate(zip(items, extractions)):
+            j = where.get(i)
+            if j is None:
+                samples.append(score_sample(self.config, ex, rank=n_all[i], n=n_all[i], target_sim=0.0, mean_sim=0.0,
+                                            best_nontarget_sim=0.0, original_rank=originals[i]))
+                continue
+            samples.append(score_sample(
+                self.config, ex, rank=int(stats.rank[j]), n=int(stats.n[j]), target_sim=float(stats.target_sim[j]),
+                mean_sim=float(stats.mean_sim[j]), best_nontarget_sim=float(stats.best_nontarget_sim[j]),
+                num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i]))
+        t4 = time.perf_counter()
+        timings = {"encode_s": (t2 - t1) + (t1 - t0), "rank_s": t3 - t2, "total_s": t4 - t0,
+                   "cache_hits": float(self.embedding_cache.hits - hits0),
+                   "cache_misses": float(self.embedding_cache.misses - misses0)}
+        return ScoredBatch(samples, timings)
