@@ -226,7 +226,7 @@ class RewardScorer:
         t3 = time.perf_counter()
         samples: list[dict[str, float]] = []
         where = {i: j for j, i in enumerate(scorable)}
-        for i, (item, ex) in enumerate(zip(items, extractions)):
+        for i, ex in enumerate(extractions):
             j = where.get(i)
             if j is None:
                 samples.append(score_sample(self.config, ex, rank=n_all[i], n=n_all[i], target_sim=0.0, mean_sim=0.0,

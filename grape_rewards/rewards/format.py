@@ -53,11 +53,9 @@ def response_from_query(query: str, prompt: str | None = None) -> str:
     if prompt and query.startswith(prompt):
         return query[len(prompt):]
     for header in _ASSISTANT_HEADERS:
-        last = None
-        for last in header.finditer(query):
-            pass
-        if last is not None:
-            return query[last.end():]
+        matches = list(header.finditer(query))
+        if matches:
+            return query[matches[-1].end():]
     return query
 
 

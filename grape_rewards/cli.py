@@ -1,0 +1,175 @@
+"""``grape-rewards``: one command with sub-commands.
+
+    grape-rewards demo                       the rank reward vs the similarity reward on the embedded corpus
+    grape-rewards index build ...            embed a corpus (resumable)
+    grape-rewards index info DIR             print an index's manifest
+    grape-rewards score ...                  score a JSONL of rewrites offline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+
+COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+
+def _add_retriever_args(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
+    p.add_argument("--retriever", required=required, default=default,
+                   help="retriever spec: open_clip:ViT-B-32/openai, hf:<name or folder>, text:all-MiniLM-L6-v2, "
+                        "composed:<spec>, a model folder, or random:<spec> (tests only)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--fusion", choices=["text", "sum"], default="sum", help="composed retrieval: query fusion")
+    p.add_argument("--image-weight", type=float, default=0.5, help="composed retrieval, sum fusion: image weight")
+
+
+def _add_reward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward-config", type=Path, help="YAML file of reward settings (RewardConfig fields)")
+    p.add_argument("--shape", choices=["linear", "reciprocal", "log", "recall@k"], help="rank shape")
+    p.add_argument("--k", type=int, help="k of the recall@k shape")
+    p.add_argument("--relative", action="store_true", help="reward the change against the original query's rank")
+    p.add_argument("--preset", choices=["rank", "similarity"], help="rank (default) or the similarity baseline")
+
+
+def reward_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - RewardConfig
+    from .rewards import RewardConfig
+
+    config = RewardConfig.from_yaml(args.reward_config) if args.reward_config else RewardConfig()
+    if args.preset:
+        config = RewardConfig.preset(args.preset, **config.model_dump(exclude={"weights"}))
+    updates = {k: v for k, v in {"shape": args.shape, "k": args.k}.items() if v is not None}
+    if args.relative:
+        updates["relative"] = True
+    return RewardConfig.model_validate({**config.model_dump(), **updates})
+
+
+def retriever_from_args(args: argparse.Namespace, spec: str | None = None):  # noqa: ANN201 - Retriever
+    from .retrievers import create_retriever
+
+    return create_retriever(spec or args.retriever, device=args.device, fusion=args.fusion,
+                            image_weight=args.image_weight)
+
+
+# -- demo ----------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEFAULT_RETRIEVER, run_demo
+
+    rows = run_demo(retriever=retriever_from_args(args, args.retriever or DEFAULT_RETRIEVER), index=args.index,
+                    queries=args.queries, config=reward_config_from_args(args))
+    if args.json:
+        _write_json(args.json, rows)
+    return 0
+
+
+# -- index ---------------------------------------------------------------------------------------------
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .corpus import build_index, read_source
+
+    source = read_source(args.source)
+    retriever = retriever_from_args(args)
+    index = build_index(source, retriever, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+                        overwrite=args.overwrite, num_workers=args.num_workers, progress=not args.quiet)
+    print(f"built {args.out}: {len(index)} items x {index.dim} dims, retriever {retriever.spec} "
+          f"(fingerprint {retriever.fingerprint})")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from .corpus import index_info
+
+    print(json.dumps(index_info(args.dir), indent=2, ensure_ascii=False))
+    return 0
+
+
+# -- score ---------------------------------------------------------------------------------------------
+def cmd_score(args: argparse.Namespace) -> int:
+    from .corpus import CorpusIndex, read_manifest
+    from .scoring_io import score_jsonl
+
+    spec = args.retriever or read_manifest(args.index)["retriever"]["spec"]
+    retriever = retriever_from_args(args, spec)
+    index = CorpusIndex.load(args.index, device=retriever.device, expected_fingerprint=retriever.fingerprint,
+                             expected_spec=retriever.spec)
+    summary = score_jsonl(args.input, args.output, retriever, index, reward_config_from_args(args),
+                          batch_size=args.batch_size, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _write_json(path: str | Path, obj: object) -> None:
+    from .corpus.files import atomic_write_json
+
+    atomic_write_json(path, obj)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grape-rewards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"grape-rewards {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="rank reward vs similarity reward on the embedded corpus (offline)")
+    _add_retriever_args(p, required=False)
+    p.add_argument("--index", type=Path, help="an index folder to use instead of the embedded captions")
+    p.add_argument("--queries", type=Path, help="JSONL of demo queries (query_id, kind, query, target_ids, candidates)")
+    p.add_argument("--json", type=Path, help="also write the table rows as JSON here")
+    _add_reward_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("index", help="build or inspect an embedded corpus")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="embed a corpus: image folder, or JSONL/CSV manifest of id+image or id+text")
+    _add_retriever_args(b)
+    b.add_argument("--source", required=True, type=Path, help="image folder, or .jsonl/.csv manifest")
+    b.add_argument("--out", required=True, type=Path, help="index folder to write")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--shard-size", type=int, default=4096, help="items per resumable shard")
+    b.add_argument("--num-workers", type=int, default=4, help="image decoding threads")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_index_build)
+    i = isub.add_parser("info", help="print an index's manifest")
+    i.add_argument("dir", type=Path)
+    i.set_defaults(func=cmd_index_info)
+
+    p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
+    p.add_argument("--index", required=True, type=Path)
+    _add_retriever_args(p, required=False)
+    p.add_argument("--input", required=True, type=Path,
+                   help="JSONL rows: completion or rewrite, target_ids, [excluded_ids, reference_id, query_id, "
+                        "original_query]")
+    p.add_argument("--output", required=True, type=Path, help="JSONL: each input row plus its reward and statistics")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true")
+    _add_reward_args(p)
+    p.set_defaults(func=cmd_score)
+
+    for register in COMMANDS.values():
+        register(sub)  # type: ignore[arg-type]
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as exc:
+        if args.verbose:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"grape-rewards {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The chunked exact rank against a brute-force reference, and the rank-shaped rewards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grape_rewards.rewards import (
+    corpus_rank,
+    linear_rank_reward,
+    log_rank_reward,
+    rank_reward,
+    recall_at_k_reward,
+    reciprocal_rank_reward,
+    relative_rank_reward,
+)
+
+
+def brute_force(q: torch.Tensor, c: torch.Tensor, targets: list[list[int]], excluded: list[list[int]]):
+    """Full score matrix, then the definition, item by item."""
+    scores = (q.double() @ c.double().T).tolist()
+    out = []
+    for i, row in enumerate(scores):
+        t_best = max(row[t] for t in targets[i])
+        others = [j for j in range(len(row)) if j not in set(targets[i]) | set(excluded[i])]
+        rank = 1 + sum(1 for j in others if row[j] > t_best)
+        out.append((rank, len(others) + 1, t_best,
+                    sum(row[j] for j in others) / len(others) if others else 0.0,
+                    max((row[j] for j in others), default=-1.0)))
+    return out
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(1, 12))
+    d = draw(st.integers(1, 4))
+    nq = draw(st.integers(1, 5))
+    # Small integers: every dot product is exact in float32 and float16, so ties are real ties.
+    vals = st.integers(-2, 2)
+    c = torch.tensor(draw(st.lists(st.lists(vals, min_size=d, max_size=d), min_size=n, max_size=n)),
+                     dtype=torch.float32)
+    q = torch.tensor(draw(st.lists(st.lists(vals, min_size=d, max_size=d), min_size=nq, max_size=nq)),
+                     dtype=torch.float32)
+    rows = st.integers(0, n - 1)
+    targets = draw(st.lists(st.lists(rows, min_size=1, max_size=3), min_size=nq, max_size=nq))
+    excluded = draw(st.lists(st.lists(rows, max_size=3), min_size=nq, max_size=nq))
+    chunk = draw(st.integers(1, 60))
+    return q, c, targets, excluded, chunk
+
+
+@settings(max_examples=300, deadline=None)
+@given(problems(), st.sampled_from([torch.float32, torch.float16]))
+def test_rank_matches_brute_force(problem, dtype):
+    q, c, targets, excluded, chunk = problem
+    stats = corpus_rank(q, c.to(dtype), targets, excluded, chunk_elements=chunk)
+    for i, (rank, n, t_best, mean, best) in enumerate(brute_force(q, c, targets, excluded)):
+        assert int(stats.rank[i]) == rank
+        assert int(stats.n[i]) == n
+        assert float(stats.target_sim[i]) == pytest.approx(t_best)
+        assert float(stats.mean_sim[i]) == pytest.approx(mean, abs=1e-5)
+        assert float(stats.best_nontarget_sim[i]) == pytest.approx(best)
+
+
+def test_ties_count_for_the_target():
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    stats = corpus_rank(torch.tensor([[1.0, 0.0]]), c, targets=[[0]])
+    assert int(stats.rank[0]) == 1  # row 1 ties the target: it does not push it down
+
+
+def test_several_targets_take_the_best():
+    c = torch.eye(3)
+    q = torch.tensor([[0.2, 0.5, 0.9]])
+    assert int(corpus_rank(q, c, targets=[[0]]).rank[0]) == 3
+    assert int(corpus_rank(q, c, targets=[[0, 2]]).rank[0]) == 1
+    assert int(corpus_rank(q, c, targets=[[0, 2]]).n[0]) == 2
+
+
+def test_single_item_and_pairs():
+    one = corpus_rank(torch.ones(1, 2), torch.ones(1, 2), targets=[[0]])
+    assert (int(one.rank[0]), int(one.n[0]), float(one.best_nontarget_sim[0])) == (1, 1, -1.0)
+    two = corpus_rank(torch.tensor([[0.0, 1.0]]), torch.eye(2), targets=[[0]])
+    assert (int(two.rank[0]), int(two.n[0])) == (2, 2)
+
+
+def test_memory_is_bounded_by_the_chunk(monkeypatch):
+    seen = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        out = real_matmul(a, b)
+        seen.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    q, c = torch.randn(8, 16), torch.randn(1000, 16)
+    corpus_rank(q, c, targets=[[i] for i in range(8)], chunk_elements=800)
+    assert seen and max(seen) <= 800
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="query 0 has no target"):
+        corpus_rank(torch.ones(1, 2), torch.ones(3, 2), targets=[[]])
+    with pytest.raises(ValueError, match="outside the corpus"):
+        corpus_rank(torch.ones(1, 2), torch.ones(3, 2), targets=[[3]])
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        corpus_rank(torch.ones(1, 3), torch.ones(3, 2), targets=[[0]])
+
+
+@given(st.integers(1, 500), st.data())
+def test_shapes_are_in_range_and_monotone(n, data):
+    r = data.draw(st.integers(1, n))
+    for shape in ("linear", "reciprocal", "log", "recall@k"):
+        value = rank_reward(r, n, shape, k=5)
+        assert 0.0 <= value <= 1.0
+        assert rank_reward(1, n, shape, k=5) == 1.0
+        if r < n:
+            assert rank_reward(r + 1, n, shape, k=5) <= value
+
+
+def test_shape_formulas():
+    assert linear_rank_reward(3, 5) == 1 - 2 / 4
+    assert linear_rank_reward(1, 1) == 1.0
+    assert reciprocal_rank_reward(8, 10) == 1 / 8
+    assert log_rank_reward(7, 10) == 1 / math.log2(8)
+    assert recall_at_k_reward(5, 10, 5) == 1.0 and recall_at_k_reward(6, 10, 5) == 0.0
+    assert relative_rank_reward(2, 10, 100, "reciprocal") == pytest.approx(0.5 - 0.1)
+    assert relative_rank_reward(10, 2, 100, "reciprocal") == pytest.approx(-0.4)
+    with pytest.raises(ValueError, match="unknown rank shape"):
+        rank_reward(1, 2, "cubic")
+    with pytest.raises(ValueError, match="1 <= rank <= n"):
+        rank_reward(3, 2, "log")
