@@ -9,15 +9,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 
-COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+if TYPE_CHECKING:
+    from .retrievers import Retriever
+    from .rewards import RewardConfig
+
+# Modules that add their own sub-commands: each has ``register(subparsers)`` and imports nothing heavy at
+# module level (the parser is built on every invocation).
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "grape_rewards.server.cli",
+    "grape_rewards.eval.cli",
+    "grape_rewards.prepare.cli",
+    "grape_rewards.adapters.cli",
+)
 
 
 def _add_retriever_args(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
@@ -37,7 +50,7 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["rank", "similarity"], help="rank (default) or the similarity baseline")
 
 
-def reward_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - RewardConfig
+def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
     from .rewards import RewardConfig
 
     config = RewardConfig.from_yaml(args.reward_config) if args.reward_config else RewardConfig()
@@ -49,7 +62,7 @@ def reward_config_from_args(args: argparse.Namespace):  # noqa: ANN201 - RewardC
     return RewardConfig.model_validate({**config.model_dump(), **updates})
 
 
-def retriever_from_args(args: argparse.Namespace, spec: str | None = None):  # noqa: ANN201 - Retriever
+def retriever_from_args(args: argparse.Namespace, spec: str | None = None) -> Retriever:
     from .retrievers import create_retriever
 
     return create_retriever(spec or args.retriever, device=args.device, fusion=args.fusion,
@@ -151,8 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reward_args(p)
     p.set_defaults(func=cmd_score)
 
-    for register in COMMANDS.values():
-        register(sub)  # type: ignore[arg-type]
+    for module_name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -66,7 +67,7 @@ def _encode_shard(retriever: Retriever, source: CorpusSource, start: int, end: i
     return torch.cat(chunks)
 
 
-def _load_or_explain(pair: tuple[str, str]):  # noqa: ANN202 - PIL image
+def _load_or_explain(pair: tuple[str, str]) -> Image.Image:
     item_id, path = pair
     try:
         return load_image(path)

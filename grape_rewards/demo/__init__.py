@@ -135,8 +135,8 @@ def run_demo(
             label = "[original] " + text if j == 0 else text
             a_r = f"{adv_rank[j - 1]:+9.2f}" if j else f"{'':>9}"
             a_s = f"{adv_sim[j - 1]:+8.2f}" if j else f"{'':>8}"
-            print(f"   {_cut(label, 52, pad=True)} {int(r['rank']):>5} {r['reward']:>9.3f} {s['reward']:>8.3f} {a_r} {a_s} "
-                  f"{r['margin']:>+7.3f} {r['mean_sim']:>10.3f}", file=out)
+            print(f"   {_cut(label, 52, pad=True)} {int(r['rank']):>5} {r['reward']:>9.3f} {s['reward']:>8.3f} "
+                  f"{a_r} {a_s} {r['margin']:>+7.3f} {r['mean_sim']:>10.3f}", file=out)
             rows.append({"query_id": q.query_id, "candidate": j, "text": text, "rank": int(r["rank"]),
                          "n": int(r["n"]), "rank_reward": r["reward"], "similarity_reward": s["reward"],
                          "margin": r["margin"], "mean_sim": r["mean_sim"], "target_sim": r["target_sim"],

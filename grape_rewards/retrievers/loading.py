@@ -54,18 +54,21 @@ def load_hf_parts(
 
     model = resolve_model_path(model)
     spec = spec or model
-    if looks_like_path(model) and not Path(model).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"model folder {model!r} (from retriever spec {spec!r}) does not exist; pass an existing folder "
-            "holding config.json, the weights and the tokenizer files, or a hub name")
+    if looks_like_path(model):
+        if not Path(model).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"model folder {model!r} (from retriever spec {spec!r}) does not exist; pass an existing folder "
+                "holding config.json, the weights and the tokenizer files, or a hub name")
+        model = str(Path(model).expanduser())  # transformers does not expand ~
     try:
-        if random_init:
-            config = AutoConfig.from_pretrained(model)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = AutoModel.from_config(config)
-        else:
-            net = AutoModel.from_pretrained(model)
+        # Seeded either way: weights a checkpoint lacks (e.g. an unused BERT pooler) are initialised at
+        # random by from_pretrained, and must come out the same on every load for the fingerprint to hold.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if random_init:
+                net = AutoModel.from_config(AutoConfig.from_pretrained(model))
+            else:
+                net = AutoModel.from_pretrained(model)
         tokenizer = AutoTokenizer.from_pretrained(model)
         processor = AutoImageProcessor.from_pretrained(model) if kind == "clip" else None
     except (OSError, ValueError) as exc:

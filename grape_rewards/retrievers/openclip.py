@@ -87,6 +87,8 @@ class OpenCLIPRetriever(Retriever):
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.max_text_tokens = int(getattr(tokenizer, "context_length", None) or 77)
+        self._text_tower = _text_tower(self.model)
+        """The causal text tower whose trailing padding can be dropped exactly, or None (always pad)."""
         self.dim = _embed_dim(self.model)
         self._model_name = model_name
         self._fingerprint: str | None = None
@@ -115,13 +117,17 @@ class OpenCLIPRetriever(Retriever):
         if not texts:
             return out
         tokens = self.tokenizer(texts)
-        lengths = (tokens != 0).sum(1) if self.pad_free else torch.full((len(texts),), tokens.shape[1])
-        order = torch.argsort(lengths, stable=True).tolist() if self.pad_free else list(range(len(texts)))
+        trim = self.pad_free and self._text_tower is not None
+        # A text's length runs to its last non-pad token: id 0 is open_clip's pad, but also a real BPE token
+        # ("!" inside a word, e.g. "!~x"), so counting non-zero ids would cut the end-of-text token off.
+        positions = torch.arange(1, tokens.shape[1] + 1)
+        lengths = (positions * (tokens != 0)).amax(1) if trim else torch.full((len(texts),), tokens.shape[1])
+        order = torch.argsort(lengths, stable=True).tolist() if trim else list(range(len(texts)))
         for idx in batched(order, batch_size):
             batch = tokens[idx]
-            if self.pad_free:
-                batch = batch[:, : int(lengths[idx].max())]
-            emb = encode_text_tokens(self.model, batch.to(self.device), pad_free=self.pad_free)
+            if trim:
+                batch = batch[:, : max(1, int(lengths[idx].max()))]
+            emb = encode_text_tokens(self.model, batch.to(self.device), pad_free=trim)
             out[torch.tensor(idx, device=self.device)] = l2_normalize(emb)
         return out
 
@@ -192,7 +198,9 @@ def encode_text_tokens(model: torch.nn.Module, tokens: torch.Tensor, pad_free: b
     x = tower.transformer(x, attn_mask=tower.attn_mask[:seq, :seq])
     x = tower.ln_final(x)
     pool = getattr(tower, "pool_type", None) or getattr(tower, "text_pool_type", None)
-    eos = getattr(tower, "eos_id", None) or getattr(tower, "text_eos_id", None)
+    eos = getattr(tower, "eos_id", None)
+    if eos is None:
+        eos = getattr(tower, "text_eos_id", None)
     x = text_global_pool(x, tokens, pool, eos_token_id=eos)
     proj = tower.text_projection
     if proj is not None:
