@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise  # a missing dependency of an existing module, not a missing module
             continue
         module.register(sub)
     return parser
@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as exc:
         if args.verbose:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        message = getattr(exc, "message", None) or (exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
         print(f"grape-rewards {args.command}: error: {message}", file=sys.stderr)
         return 2
 

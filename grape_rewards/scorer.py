@@ -136,19 +136,21 @@ class RewardScorer:
         fp = self.retriever.fingerprint
         keys = [(fp, normalize_text(t)) for t in texts]
         found: dict[tuple[str, str], tuple[torch.Tensor, TextInfo]] = {}
-        missing: list[str] = []
+        missing: dict[str, None] = {}  # ordered set of texts to encode
         for key in keys:
-            if key in found:
+            if key in found or key[1] in missing:
                 continue
             hit = self.embedding_cache.get(key)
             if hit is not None:
                 found[key] = hit  # type: ignore[assignment]
-            elif key[1] not in missing:
-                missing.append(key[1])
+            else:
+                missing[key[1]] = None
         if missing:
-            emb = self.retriever.encode_texts(missing, batch_size=self.encode_batch_size).to("cpu", torch.float32)
-            infos = self.retriever.text_info(missing)
-            for text, e, info in zip(missing, emb, infos):
+            texts_to_encode = list(missing)
+            emb = self.retriever.encode_texts(texts_to_encode, batch_size=self.encode_batch_size).to(
+                "cpu", torch.float32)
+            infos = self.retriever.text_info(texts_to_encode)
+            for text, e, info in zip(texts_to_encode, emb, infos):
                 found[(fp, text)] = (e, info)
                 self.embedding_cache.put((fp, text), (e, info))
         if not keys:

@@ -1,0 +1,230 @@
+"""Index build (batched, resumable, atomic), loading checks, and top-k search."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grape_rewards.corpus import (
+    CorpusIndex,
+    CorpusSource,
+    CorpusSourceError,
+    IndexError_,
+    UnknownIdError,
+    build_index,
+    read_source,
+)
+from grape_rewards.corpus.search import build_searcher, torch_topk
+
+CAPTIONS = [f"caption {i}: a {c} {a} near the {p}" for i, (c, a, p) in enumerate(
+    (c, a, p) for c in ("red", "blue", "green") for a in ("dog", "cat", "car", "bird") for p in ("river", "house"))]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def text_source(tmp_path: Path, n: int = len(CAPTIONS)) -> CorpusSource:
+    return read_source(write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"t{i}", "text": c}
+                                                              for i, c in enumerate(CAPTIONS[:n])]))
+
+
+def test_build_text_index_and_manifest(tmp_path, minilm):
+    index = build_index(text_source(tmp_path), minilm, tmp_path / "idx", batch_size=5, shard_size=7, progress=False)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["count"] == len(CAPTIONS) and manifest["dim"] == 384 and manifest["dtype"] == "float16"
+    assert manifest["retriever"]["fingerprint"] == minilm.fingerprint
+    assert manifest["retriever"]["spec"] == "text:all-MiniLM-L6-v2"
+    assert set(manifest["checksums"]) == {"embeddings.safetensors", "ids.json"} and manifest["created_at"]
+    assert not (tmp_path / "idx.partial").exists()
+    direct = minilm.encode_texts(CAPTIONS)
+    assert torch.allclose(index.embeddings.float(), direct, atol=2e-3)
+    assert index.ids == [f"t{i}" for i in range(len(CAPTIONS))]
+
+
+def test_build_image_folder_index(tmp_path, tiny_open_clip, images):
+    index = build_index(read_source(images[0].parent), tiny_open_clip, tmp_path / "idx", batch_size=3,
+                        progress=False)
+    assert index.ids == sorted(p.stem for p in images)
+    direct = tiny_open_clip.encode_images(sorted(images))
+    assert torch.allclose(index.embeddings.float(), direct, atol=2e-3)
+    assert torch.allclose(index.embeddings.float().norm(dim=1), torch.ones(len(images)), atol=2e-3)
+
+
+def test_interrupted_build_resumes_identically(tmp_path, minilm, monkeypatch):
+    source = text_source(tmp_path)
+    reference = build_index(source, minilm, tmp_path / "ref", batch_size=4, shard_size=5, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False,
+                    on_shard=kill_after_two)
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(IndexError_, match="rerun the same build to resume"):
+        CorpusIndex.load(tmp_path / "idx")
+    encoded: list[int] = []
+    real = minilm.encode_texts
+    monkeypatch.setattr(minilm, "encode_texts", lambda texts, batch_size=256: encoded.append(len(texts)) or real(
+        texts, batch_size=batch_size))
+    resumed = build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False)
+    assert sum(encoded) == len(CAPTIONS) - 10  # the two finished shards were not encoded again
+    assert (tmp_path / "idx" / "embeddings.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "embeddings.safetensors").read_bytes()
+    assert resumed.ids == reference.ids
+    assert resumed.manifest["checksums"] == reference.manifest["checksums"]
+
+
+@pytest.mark.slow
+def test_killed_process_resumes(tmp_path):
+    """A real SIGKILL in the middle of `grape-rewards index build`, then the same command again."""
+    many = [{"id": f"x{i}", "text": f"{CAPTIONS[i % len(CAPTIONS)]} number {i}"} for i in range(600)]
+    manifest = write_jsonl(tmp_path / "many.jsonl", many)
+    cmd = [sys.executable, "-m", "grape_rewards.cli", "index", "build", "--retriever", "text:all-MiniLM-L6-v2",
+           "--device", "cpu", "--source", str(manifest), "--out", str(tmp_path / "idx"), "--shard-size", "50",
+           "--batch-size", "25", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    staging = tmp_path / "idx.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(staging.glob("shard-000001.safetensors")):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "idx").exists()
+    done_before = len(list(staging.glob("shard-*.safetensors")))
+    assert 2 <= done_before < 12
+    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd[:-3] + ["--out", str(tmp_path / "ref"), "--quiet"], check=True, capture_output=True)
+    assert (tmp_path / "idx" / "embeddings.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "embeddings.safetensors").read_bytes()
+    assert not staging.exists()
+
+
+def test_checksum_and_fingerprint_are_enforced(tmp_path, minilm, tiny_open_clip):
+    build_index(text_source(tmp_path, 6), minilm, tmp_path / "idx", progress=False)
+    CorpusIndex.load(tmp_path / "idx", expected_fingerprint=minilm.fingerprint)
+    with pytest.raises(IndexError_, match="built with retriever 'text:all-MiniLM-L6-v2'.*meaningless"):
+        CorpusIndex.load(tmp_path / "idx", expected_fingerprint=tiny_open_clip.fingerprint,
+                         expected_spec=tiny_open_clip.spec)
+    emb = tmp_path / "idx" / "embeddings.safetensors"
+    data = bytearray(emb.read_bytes())
+    data[-1] ^= 0xFF
+    emb.write_bytes(bytes(data))
+    with pytest.raises(IndexError_, match="checksum of embeddings.safetensors does not match"):
+        CorpusIndex.load(tmp_path / "idx")
+
+
+def test_fingerprint_changes_with_weights(tmp_path, text_encoder_dir):
+    from grape_rewards.retrievers import create_retriever
+
+    a = create_retriever(f"text:{text_encoder_dir}", device="cpu")
+    b = create_retriever(f"text:{text_encoder_dir}", device="cpu")
+    assert a.fingerprint == b.fingerprint
+    with torch.no_grad():
+        next(b.model.parameters()).add_(1e-3)
+    b._fingerprint = None
+    assert a.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"id": "a", "image": "missing.png"}], "image file of id 'a' not found"),
+        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "duplicate id 'a'"),
+        ([{"id": "a"}], "exactly one of the fields 'image'"),
+        ([{"text": "x"}], "missing field 'id'"),
+        ([{"id": "a", "text": "x"}, {"id": "b", "image": "i.png"}], "image item in a corpus of text"),
+        ([{"id": "a", "text": "   "}], "empty text"),
+    ],
+)
+def test_bad_manifests_are_named(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    (tmp_path / "i.png").write_bytes(b"")
+    with pytest.raises(CorpusSourceError, match=message) as info:
+        read_source(path)
+    assert "m.jsonl:" in str(info.value)
+
+
+def test_bad_json_line_and_csv(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n{"id": \n')
+    with pytest.raises(CorpusSourceError, match=r"m.jsonl:2: not valid JSON"):
+        read_source(path)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("id,text\na,a red car\nb,a blue bird\n")
+    source = read_source(csv_path)
+    assert source.ids == ["a", "b"] and source.modality == "text"
+    (tmp_path / "bad.csv").write_text("name,text\na,x\n")
+    with pytest.raises(CorpusSourceError, match="must name an 'id' column"):
+        read_source(tmp_path / "bad.csv")
+
+
+def test_unreadable_image_leaves_no_index(tmp_path, tiny_open_clip, images):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    rows = [{"id": p.stem, "image": str(p)} for p in images[:3]] + [{"id": "broken", "image": str(broken)}]
+    source = read_source(write_jsonl(tmp_path / "m.jsonl", rows))
+    with pytest.raises(CorpusSourceError, match=r"corpus item 'broken': cannot read image .*broken.png"):
+        build_index(source, tiny_open_clip, tmp_path / "idx", batch_size=2, shard_size=2, progress=False)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_existing_index_needs_overwrite(tmp_path, minilm):
+    source = text_source(tmp_path, 4)
+    build_index(source, minilm, tmp_path / "idx", progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_index(source, minilm, tmp_path / "idx", progress=False)
+    bigger = text_source(tmp_path, 6)
+    index = build_index(bigger, minilm, tmp_path / "idx", progress=False, overwrite=True)
+    assert len(index) == 6 and not (tmp_path / "idx.old").exists()
+
+
+def test_modality_mismatch(tmp_path, tiny_open_clip):
+    with pytest.raises(CorpusSourceError, match="cannot be embedded by"):
+        build_index(text_source(tmp_path, 3), tiny_open_clip, tmp_path / "idx", progress=False)
+
+
+def test_unknown_id_is_named(tmp_path, minilm):
+    index = build_index(text_source(tmp_path, 3), minilm, tmp_path / "idx", progress=False)
+    with pytest.raises(UnknownIdError, match="unknown corpus id 'nope'"):
+        index.rows(["t0", "nope"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_topk_matches_full_sort(backend):
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(500, 16, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=1)
+    scores, rows = build_searcher(corpus, backend=backend).search(queries, 10)
+    full = queries @ corpus.T
+    expected_scores, expected_rows = full.topk(10, dim=1)
+    assert torch.equal(rows, expected_rows)
+    assert torch.allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_torch_topk_chunks_merge():
+    corpus = torch.nn.functional.normalize(torch.randn(97, 8), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    s, r = torch_topk(q, corpus, 5, chunk_elements=3 * 11)
+    assert torch.equal(r, (q @ corpus.T).topk(5, dim=1).indices)
+
+
+def test_index_search_returns_ids(tmp_path, minilm):
+    index = build_index(text_source(tmp_path), minilm, tmp_path / "idx", progress=False)
+    scores, ids = index.search(minilm.encode_texts([CAPTIONS[5]]), k=3)
+    assert ids[0][0] == "t5" and scores.shape == (1, 3)

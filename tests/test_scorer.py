@@ -1,0 +1,171 @@
+"""RewardScorer: the one scoring path (extraction, cache, rank, composite), composed retrieval, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from grape_rewards.cli import main
+from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, UnknownIdError, build_index
+from grape_rewards.retrievers import ComposedRetriever
+from grape_rewards.rewards import RewardConfig, corpus_rank, sample_keys
+from grape_rewards.scorer import RewardItem, RewardScorer
+
+CAPTIONS = ["a dog runs on the grass", "a cat sleeps on a sofa", "two men play chess in a park",
+            "a red car parked on a street", "children swim in a pool", "a dog sleeps on a sofa"]
+
+
+@pytest.fixture(scope="module")
+def text_index(tmp_path_factory, minilm):
+    source = CorpusSource([f"c{i}" for i in range(len(CAPTIONS))], CAPTIONS, "text", "test")
+    return build_index(source, minilm, tmp_path_factory.mktemp("scorer") / "idx", progress=False)
+
+
+def test_scores_match_direct_rank(minilm, text_index):
+    scorer = RewardScorer(minilm, text_index, RewardConfig(shape="reciprocal"))
+    rewrites = ["a puppy running in a field", "a sleeping kitten", "cars"]
+    targets = [["c0"], ["c1"], ["c3", "c4"]]
+    out = scorer.score([RewardItem(rewrite=r, target_ids=t) for r, t in zip(rewrites, targets)])
+    stats = corpus_rank(minilm.encode_texts(rewrites), text_index.embeddings, [text_index.rows(t) for t in targets])
+    for o, rank, n in zip(out, stats.rank.tolist(), stats.n.tolist()):
+        assert (o["rank"], o["n"]) == (rank, n)
+        assert o["reward"] == pytest.approx(1 / rank)
+        assert tuple(o) == sample_keys(scorer.config)
+
+
+def test_completion_extraction_and_format_penalty(minilm, text_index):
+    scorer = RewardScorer(minilm, text_index)
+    good, empty, missing = scorer.score([
+        RewardItem(completion="<think>translate</think><answer>a dog running on grass</answer><|im_end|>",
+                   target_ids=["c0"]),
+        RewardItem(completion="<answer> </answer><|im_end|>", target_ids=["c0"]),
+        RewardItem(completion="<think>never finished", target_ids=["c0"]),
+    ])
+    assert good["rank"] == 1 and good["format_ok"] == 1.0
+    for bad in (empty, missing):
+        assert bad["reward"] == scorer.config.format.invalid_reward
+        assert bad["rank"] == bad["n"] == len(CAPTIONS) and bad["format_ok"] == 0.0
+
+
+def test_truncation_is_flagged_not_rejected(minilm, text_index):
+    scorer = RewardScorer(minilm, text_index)
+    long = "a dog runs on the grass " * 80
+    out = scorer.score([RewardItem(rewrite=long, target_ids=["c0"])])[0]
+    assert out["truncated"] == 1.0 and out["num_tokens"] > minilm.max_text_tokens
+
+
+def test_exclusions_and_unknown_ids(minilm, text_index):
+    scorer = RewardScorer(minilm, text_index)
+    base = scorer.score([RewardItem(rewrite="a dog sleeps on a sofa", target_ids=["c1"])])[0]
+    excl = scorer.score([RewardItem(rewrite="a dog sleeps on a sofa", target_ids=["c1"], excluded_ids=["c5"])])[0]
+    assert excl["rank"] == base["rank"] - 1 and excl["n"] == base["n"] - 1
+    with pytest.raises(UnknownIdError, match="unknown corpus id 'c99'"):
+        scorer.score([RewardItem(rewrite="x", target_ids=["c99"])])
+
+
+def test_cache_and_relative_mode(minilm, text_index):
+    scorer = RewardScorer(minilm, text_index, RewardConfig(relative=True, shape="reciprocal"))
+    items = [RewardItem(rewrite="a dog running on the grass", target_ids=["c0"], original_query="狗在草地上"),
+             RewardItem(rewrite="  a dog running   on the grass ", target_ids=["c0"], original_query="狗在草地上")]
+    first = scorer.score_batch(items)
+    # one miss for the rewrite (both spellings normalise to one text), one for the original query
+    assert first.timings["cache_misses"] == 2 and first.timings["cache_hits"] == 0
+    plain = RewardScorer(minilm, text_index)
+    original = plain.score([RewardItem(rewrite="狗在草地上", target_ids=["c0"])])[0]["rank"]
+    second = scorer.score_batch(items)
+    assert second.timings["cache_misses"] == 0
+    for s in first.samples + second.samples:
+        assert s["original_rank"] == original
+        assert s["reward"] == pytest.approx(1 / s["rank"] - 1 / original)
+    with pytest.raises(ValueError, match="needs original_query"):
+        scorer.score([RewardItem(rewrite="a dog", target_ids=["c0"])])
+
+
+def test_thread_safety(minilm, text_index):
+    scorer = RewardScorer(minilm, text_index)
+    texts = [f"a dog number {i} on the grass" for i in range(24)]
+    expected = [s["reward"] for s in scorer.score([RewardItem(rewrite=t, target_ids=["c0"]) for t in texts])]
+    scorer.embedding_cache = type(scorer.embedding_cache)(0)  # no cache: every call encodes
+    got: dict[int, float] = {}
+
+    def work(i: int) -> None:
+        got[i] = scorer.score([RewardItem(rewrite=texts[i], target_ids=["c0"])])[0]["reward"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(texts))] == pytest.approx(expected, abs=1e-6)
+
+
+def test_mismatched_retriever_is_refused(tiny_open_clip, text_index):
+    with pytest.raises(IndexError_, match="mismatched embeddings"):
+        RewardScorer(tiny_open_clip, text_index)
+
+
+def test_composed_reference_fusion(tmp_path, tiny_open_clip, images):
+    source = CorpusSource([p.stem for p in images], [str(p) for p in images], "image", "imgs")
+    index = build_index(source, tiny_open_clip, tmp_path / "idx", progress=False)
+    composed = ComposedRetriever(tiny_open_clip, fusion="sum", image_weight=0.5)
+    scorer = RewardScorer(composed, index)
+    ref, target = images[0].stem, images[1].stem
+    out = scorer.score([RewardItem(rewrite="make it blue", target_ids=[target], reference_id=ref)])[0]
+    text = tiny_open_clip.encode_texts(["make it blue"])
+    query = torch.nn.functional.normalize(0.5 * text + 0.5 * index.embeddings[index.rows([ref])].float(), dim=1)
+    stats = corpus_rank(query, index.embeddings, [index.rows([target])], [index.rows([ref])])
+    assert out["rank"] == int(stats.rank[0]) and out["n"] == len(images) - 1
+    assert out["target_sim"] == pytest.approx(float(stats.target_sim[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="needs a reference_id"):
+        scorer.score([RewardItem(rewrite="make it blue", target_ids=[target])])
+
+
+@pytest.mark.slow
+def test_cli_demo_ranks_the_english_rewrite_above_the_chinese_original(capsys, tmp_path):
+    assert main(["demo", "--device", "cpu", "--json", str(tmp_path / "demo.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "Chinese query" in printed and "rank reward prefers" in printed
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    zh = [r for r in rows if r["query_id"] == "zh-frisbee"]
+    original, english = zh[0], zh[1]
+    assert english["rank"] < original["rank"]
+    assert english["rank_reward"] > original["rank_reward"]
+    assert "score inflation" in printed
+
+
+@pytest.mark.slow
+def test_cli_index_and_score(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"c{i}", "text": c}) + "\n" for i, c in enumerate(CAPTIONS)))
+    assert main(["index", "build", "--retriever", "text:all-MiniLM-L6-v2", "--device", "cpu", "--source",
+                 str(corpus), "--out", str(tmp_path / "idx"), "--quiet"]) == 0
+    assert main(["index", "info", str(tmp_path / "idx")]) == 0
+    assert '"count": 6' in capsys.readouterr().out
+    rewrites = tmp_path / "rewrites.jsonl"
+    rewrites.write_text(json.dumps({"completion": "<answer>a puppy on a lawn</answer>", "target_ids": ["c0"],
+                                    "note": "kept"}) + "\n" + json.dumps({"rewrite": "chess", "target_ids": ["c2"]})
+                        + "\n")
+    assert main(["score", "--index", str(tmp_path / "idx"), "--input", str(rewrites), "--output",
+                 str(tmp_path / "scored.jsonl"), "--shape", "recall@k", "--k", "1", "--quiet"]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
+    assert [s["rank"] for s in scored] == [1.0, 1.0] and scored[0]["note"] == "kept"
+    assert all(s["reward"] == 1.0 for s in scored)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"rewrite": "x", "target_ids": ["nope"]}) + "\n")
+    assert main(["score", "--index", str(tmp_path / "idx"), "--input", str(bad), "--output",
+                 str(tmp_path / "out2.jsonl"), "--quiet"]) == 2
+    assert "unknown corpus id 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "out2.jsonl").exists()
+    bad.write_text('{"rewrite": "x"}\n')
+    assert main(["score", "--index", str(tmp_path / "idx"), "--input", str(bad), "--output",
+                 str(tmp_path / "out2.jsonl"), "--quiet"]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_in_memory_index_without_manifest(minilm):
+    emb = minilm.encode_texts(CAPTIONS)
+    scorer = RewardScorer(minilm, CorpusIndex(emb, [f"c{i}" for i in range(len(CAPTIONS))]))
+    assert scorer.score([RewardItem(rewrite=CAPTIONS[3], target_ids=["c3"])])[0]["rank"] == 1
