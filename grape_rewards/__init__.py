@@ -39,7 +39,30 @@ _EXPORTS: dict[str, str] = {
     "parse_label": "grape_rewards.labels",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "ComposedRetriever",
+    "CorpusIndex",
+    "CorpusSource",
+    "FormatConfig",
+    "HFCLIPRetriever",
+    "Label",
+    "OpenCLIPRetriever",
+    "Retriever",
+    "RetrieverConfig",
+    "RewardConfig",
+    "RewardItem",
+    "RewardScorer",
+    "TextEmbedder",
+    "__version__",
+    "build_index",
+    "corpus_rank",
+    "create_retriever",
+    "extract_rewrite",
+    "inflation_summary",
+    "parse_label",
+    "rank_reward",
+    "read_source",
+]
 
 
 def __getattr__(name: str) -> Any:

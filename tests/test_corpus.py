@@ -109,7 +109,7 @@ def test_killed_process_resumes(tmp_path):
     done_before = len(list(staging.glob("shard-*.safetensors")))
     assert 2 <= done_before < 12
     subprocess.run(cmd, check=True, capture_output=True)
-    subprocess.run(cmd[:-3] + ["--out", str(tmp_path / "ref"), "--quiet"], check=True, capture_output=True)
+    subprocess.run([*cmd[:-3], "--out", str(tmp_path / "ref"), "--quiet"], check=True, capture_output=True)
     assert (tmp_path / "idx" / "embeddings.safetensors").read_bytes() == \
         (tmp_path / "ref" / "embeddings.safetensors").read_bytes()
     assert not staging.exists()
@@ -220,7 +220,7 @@ def test_topk_matches_full_sort(backend):
 def test_torch_topk_chunks_merge():
     corpus = torch.nn.functional.normalize(torch.randn(97, 8), dim=1)
     q = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
-    s, r = torch_topk(q, corpus, 5, chunk_elements=3 * 11)
+    _s, r = torch_topk(q, corpus, 5, chunk_elements=3 * 11)
     assert torch.equal(r, (q @ corpus.T).topk(5, dim=1).indices)
 
 
