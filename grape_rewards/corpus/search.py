@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, chunk_rows
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, chunk_rows, score_block
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def torch_topk(queries: torch.Tensor, corpus: torch.Tensor, k: int,
     best_rows = torch.zeros((q.shape[0], 0), dtype=torch.long, device=corpus.device)
     step = chunk_rows(q.shape[0], chunk_elements)
     for start in range(0, corpus.shape[0], step):
-        scores = q @ corpus[start:start + step].to(torch.float32).T
+        scores = score_block(q, corpus[start:start + step])
         s, r = scores.topk(min(k, scores.shape[1]), dim=1)
         merged_s = torch.cat([best_scores, s], dim=1)
         merged_r = torch.cat([best_rows, r + start], dim=1)

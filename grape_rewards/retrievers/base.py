@@ -35,7 +35,8 @@ class Retriever(ABC):
     """A frozen dual encoder: texts (and images, or composed queries) to L2-normalised vectors.
 
     Every ``encode_*`` method returns a float32 tensor of shape (n, ``dim``) on ``device`` whose
-    rows have unit L2 norm. ``corpus_modality`` says what the corpus items are (``image`` for
+    rows have unit L2 norm (an ordinary tensor without grad, not an inference-mode one: callers may
+    modify it in place). ``corpus_modality`` says what the corpus items are (``image`` for
     CLIP-style retrievers, ``text`` for text embedders); :meth:`encode_corpus` embeds them.
     """
 

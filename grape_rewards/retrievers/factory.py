@@ -78,7 +78,9 @@ def detect_kind(folder: Path) -> str:
         return "open_clip"
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{folder} holds neither open_clip_config.json nor config.json; it is not a model folder")
+        raise ValueError(f"{folder} holds neither open_clip_config.json nor config.json, so it is not a model folder; "
+                         "pass a folder with open_clip_config.json and weights (open_clip), or one saved with "
+                         "transformers' save_pretrained (config.json, weights, tokenizer files)")
     config = json.loads(config_file.read_text())
     if config.get("model_type") in _CLIP_MODEL_TYPES or "vision_config" in config:
         return "hf"

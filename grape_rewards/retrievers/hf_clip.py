@@ -61,7 +61,7 @@ class HFCLIPRetriever(Retriever):
         self._model_type = str(getattr(config, "model_type", ""))
         text_cfg = getattr(config, "text_config", config)
         limits = [getattr(text_cfg, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
-        self.max_text_tokens = min(int(v) for v in limits if isinstance(v, int) and 0 < v < 100_000)
+        self.max_text_tokens = min((int(v) for v in limits if isinstance(v, int) and 0 < v < 100_000), default=77)
         self.dim = int(getattr(config, "projection_dim", None) or text_cfg.hidden_size)
         self._fingerprint: str | None = None
         if random_init:
@@ -79,7 +79,7 @@ class HFCLIPRetriever(Retriever):
         lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
         return [TextInfo(num_tokens=n, truncated=n > self.max_text_tokens) for n in lengths]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         texts = list(texts)
         out = torch.empty(len(texts), self.dim, device=self.device)
@@ -94,7 +94,7 @@ class HFCLIPRetriever(Retriever):
             out[torch.tensor(idx, device=self.device)] = l2_normalize(feats)
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         chunks = []
         for batch in batched(list(images), batch_size):

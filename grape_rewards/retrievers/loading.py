@@ -69,6 +69,9 @@ def load_hf_parts(
                 net = AutoModel.from_config(AutoConfig.from_pretrained(model))
             else:
                 net = AutoModel.from_pretrained(model)
+        if kind == "clip" and not all(hasattr(net, m) for m in ("get_text_features", "get_image_features")):
+            raise TypeError(f"{type(net).__name__} (from {spec!r}) has no get_text_features()/get_image_features(); "
+                            "hf: retrievers need a CLIP-family model; use text:<model> for text encoders")
         tokenizer = AutoTokenizer.from_pretrained(model)
         processor = AutoImageProcessor.from_pretrained(model) if kind == "clip" else None
     except (OSError, ValueError) as exc:

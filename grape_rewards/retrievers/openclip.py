@@ -6,6 +6,7 @@ position, so the padding after the longest text of a batch can be dropped withou
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class OpenCLIPRetriever(Retriever):
         self._text_tower = _text_tower(self.model)
         """The causal text tower whose trailing padding can be dropped exactly, or None (always pad)."""
         self.dim = _embed_dim(self.model)
-        self._model_name = model_name
+        self._architecture = _architecture_id(model_name, model_cfg)
         self._fingerprint: str | None = None
         if random_init:
             warn_random_init(self.spec)
@@ -98,8 +99,8 @@ class OpenCLIPRetriever(Retriever):
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            digest = weights_digest(self.model, "open_clip", self._model_name, repr(self.preprocess),
-                                    self.max_text_tokens)
+            preprocess = _preprocess_id(self.model, self.preprocess)
+            digest = weights_digest(self.model, "open_clip", self._architecture, preprocess, self.max_text_tokens)
             self._fingerprint = ("random-init-" if self.random_init else "") + digest[:32]
         return self._fingerprint
 
@@ -110,7 +111,7 @@ class OpenCLIPRetriever(Retriever):
             out.append(TextInfo(num_tokens=n, truncated=n > self.max_text_tokens))
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         texts = list(texts)
         out = torch.empty(len(texts), self.dim, device=self.device)
@@ -131,13 +132,36 @@ class OpenCLIPRetriever(Retriever):
             out[torch.tensor(idx, device=self.device)] = l2_normalize(emb)
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         chunks = []
         for batch in batched(list(images), batch_size):
             pixels = torch.stack([self.preprocess(load_image(im)) for im in batch]).to(self.device)
             chunks.append(l2_normalize(self.model.encode_image(pixels)))
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim, device=self.device)
+
+
+def _architecture_id(model_name: str, model_cfg: dict[str, Any] | None) -> str:
+    """What names the architecture in the fingerprint, free of where the model lives on disk.
+
+    A ``local-dir:`` folder is named by the ``model_cfg`` in its open_clip_config.json (moving or copying the
+    folder keeps the fingerprint); an architecture given as data by that data; any other name by itself.
+    """
+    if model_cfg is None and model_name.startswith("local-dir:"):
+        config_file = Path(model_name[len("local-dir:"):]).expanduser() / "open_clip_config.json"
+        model_cfg = json.loads(config_file.read_text(encoding="utf-8")).get("model_cfg")
+    if model_cfg is not None:
+        return "model_cfg:" + json.dumps(model_cfg, sort_keys=True)
+    return model_name
+
+
+def _preprocess_id(model: torch.nn.Module, preprocess: Any) -> str:
+    """The image preprocessing in the fingerprint: open_clip's preprocess config (from which the transform is built)
+    as JSON, so a mean given as a list or a tuple reads the same; else the transform's repr."""
+    cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None)
+    if isinstance(cfg, dict):
+        return "preprocess_cfg:" + json.dumps(cfg, sort_keys=True, default=str)
+    return repr(preprocess)
 
 
 def _register_config(model_name: str, model_cfg: dict[str, Any]) -> None:
@@ -162,7 +186,8 @@ def _num_tokens(tokenizer: Any, text: str) -> int:
     """Tokens the whole text needs, start and end tokens included."""
     inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
     if inner is not None and callable(inner):
-        return len(inner(text, truncation=False, verbose=False)["input_ids"])
+        clean = getattr(tokenizer, "clean_fn", None)  # HFTokenizer cleans texts before tokenizing them
+        return len(inner(clean(text) if clean else text, truncation=False, verbose=False)["input_ids"])
     return len(tokenizer.encode(text)) + 2
 
 

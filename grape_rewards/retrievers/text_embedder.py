@@ -62,7 +62,7 @@ class TextEmbedder(Retriever):
         lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
         return [TextInfo(num_tokens=n, truncated=n > self.max_text_tokens) for n in lengths]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         texts = list(texts)
         out = torch.empty(len(texts), self.dim, device=self.device)

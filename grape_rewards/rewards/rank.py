@@ -7,8 +7,10 @@ The rank of a query ``q`` with targets ``T`` over a corpus ``C``, excluding ``E`
 
 ``s`` is the dot product of L2-normalised embeddings (cosine similarity). Ties count in the
 target's favour: an item must score strictly higher than the best target to push it down.
-The target scores come from the same float32 arithmetic as the corpus scan, but through a
-different kernel; scores that tie only up to the last bit of float32 may be ordered either way.
+The target scores come from the same arithmetic as the corpus scan, but through a different kernel;
+scores that tie only up to the last bit of float32 may be ordered either way. On a GPU with a float16
+corpus the queries are rounded to float16 too (products accumulate in float32): ranks then agree with a
+float32 reference except between items whose scores differ by less than float16 resolution (~1e-3).
 """
 
 from __future__ import annotations
@@ -57,6 +59,25 @@ def _pairs(rows: Sequence[Sequence[int]], num_queries: int, num_items: int, what
             q_idx.append(i)
             r_idx.append(r)
     return torch.tensor([q_idx, r_idx], dtype=torch.long).reshape(2, -1)
+
+
+def score_block(queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """float32 scores of (Q, D) queries against a (B, D) block of the corpus.
+
+    On CUDA with a half-precision corpus the product runs on tensor cores in the corpus' dtype with float32
+    accumulation and output (``torch.mm(..., out_dtype=float32)``), so the corpus is never converted; the
+    queries are rounded to that dtype. Elsewhere the block is converted to float32 (bounded by the block).
+    """
+    if block.is_cuda and block.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(queries.to(block.dtype), block.T, out_dtype=torch.float32)
+    return queries.to(torch.float32) @ block.to(torch.float32).T
+
+
+def pair_scores(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """float32 score of each query row against the matching corpus row, with the rounding of :func:`score_block`."""
+    if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16):
+        queries = queries.to(rows.dtype)
+    return (queries.to(torch.float32) * rows.to(torch.float32)).sum(-1)
 
 
 def chunk_rows(num_queries: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -116,9 +137,8 @@ def corpus_rank(
     mq, mr = masked // num_items, masked % num_items
 
     tq, tr = target_pairs
-    pair_scores = (q[tq] * corpus[tr].to(torch.float32)).sum(-1)
     target_sim = torch.full((num_queries,), float("-inf"), device=device)
-    target_sim.scatter_reduce_(0, tq, pair_scores, reduce="amax")
+    target_sim.scatter_reduce_(0, tq, pair_scores(q[tq], corpus[tr]), reduce="amax")
 
     count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
     total = torch.zeros(num_queries, dtype=torch.float64, device=device)
@@ -126,7 +146,7 @@ def corpus_rank(
     step = chunk_rows(num_queries, chunk_elements)
     for start in range(0, num_items, step):
         end = min(start + step, num_items)
-        scores = q @ corpus[start:end].to(torch.float32).T
+        scores = score_block(q, corpus[start:end])
         sel = (mr >= start) & (mr < end)
         sq, sr = mq[sel], mr[sel] - start
         scores[sq, sr] = float("nan")  # NaN is never > threshold and is skipped below
