@@ -38,6 +38,8 @@ def _add_retriever_args(p: argparse.ArgumentParser, required: bool = True, defau
                    help="retriever spec: open_clip:ViT-B-32/openai, hf:<name or folder>, text:all-MiniLM-L6-v2, "
                         "composed:<spec>, a model folder, or random:<spec> (tests only)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="encoder precision (auto: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--fusion", choices=["text", "sum"], default="sum", help="composed retrieval: query fusion")
     p.add_argument("--image-weight", type=float, default=0.5, help="composed retrieval, sum fusion: image weight")
 
@@ -65,7 +67,7 @@ def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
 def retriever_from_args(args: argparse.Namespace, spec: str | None = None) -> Retriever:
     from .retrievers import create_retriever
 
-    return create_retriever(spec or args.retriever, device=args.device, fusion=args.fusion,
+    return create_retriever(spec or args.retriever, device=args.device, dtype=args.dtype, fusion=args.fusion,
                             image_weight=args.image_weight)
 
 

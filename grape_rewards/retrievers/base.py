@@ -154,6 +154,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``/None: float16 on CUDA, float32 elsewhere; else ``fp32``/``fp16``/``bf16`` (or a torch dtype).
+
+    >>> resolve_dtype("auto", torch.device("cpu")), resolve_dtype("bf16", torch.device("cpu"))
+    (torch.float32, torch.bfloat16)
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, fp32, fp16 or bf16")
+    return names[dtype]
+
+
+def cast_model(retriever: Retriever, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the encoder's weights for inference, after the fingerprint was taken on the weights as loaded.
+
+    The fingerprint names the model, not the inference precision: an index built in float32 serves a
+    float16 encoder of the same weights.
+    """
+    if dtype != torch.float32:
+        _ = retriever.fingerprint
+        model.to(dtype)
+
+
 def warn_random_init(spec: str) -> None:
     """The loud warning for random-initialised weights."""
     msg = (f"RANDOM-INIT RETRIEVER {spec}: weights are random, embeddings carry NO semantics. "

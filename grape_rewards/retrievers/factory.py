@@ -35,6 +35,8 @@ class RetrieverConfig(BaseModel):
 
     spec: str
     device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Inference precision of the encoder: ``auto`` is fp16 on CUDA, fp32 on the CPU. Not part of the fingerprint."""
     random_init: bool = False
     """Random weights (also set by a ``random:`` prefix on the spec)."""
     seed: int = 0
@@ -95,7 +97,8 @@ def create_retriever(spec: str | RetrieverConfig, **overrides: Any) -> Retriever
     config = RetrieverConfig(spec=spec, **overrides) if isinstance(spec, str) else spec.model_copy(update=overrides)
     random_prefix, kind, rest = parse_spec(config.spec)
     random_init = config.random_init or random_prefix
-    common = {"device": config.device, "random_init": random_init, "seed": config.seed, "spec": config.spec}
+    common = {"device": config.device, "dtype": config.dtype, "random_init": random_init, "seed": config.seed,
+              "spec": config.spec}
     if kind == "composed":
         from .composed import ComposedRetriever
 

@@ -12,9 +12,11 @@ from .base import (
     Retriever,
     TextInfo,
     batched,
+    cast_model,
     l2_normalize,
     load_image,
     resolve_device,
+    resolve_dtype,
     warn_random_init,
     weights_digest,
 )
@@ -43,6 +45,7 @@ class HFCLIPRetriever(Retriever):
         self,
         model: str,
         device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
         random_init: bool = False,
         seed: int = 0,
         spec: str | None = None,
@@ -64,6 +67,8 @@ class HFCLIPRetriever(Retriever):
         self.max_text_tokens = min((int(v) for v in limits if isinstance(v, int) and 0 < v < 100_000), default=77)
         self.dim = int(getattr(config, "projection_dim", None) or text_cfg.hidden_size)
         self._fingerprint: str | None = None
+        self.dtype = resolve_dtype(dtype, self.device)
+        cast_model(self, self.model, self.dtype)
         if random_init:
             warn_random_init(self.spec)
 
@@ -99,6 +104,6 @@ class HFCLIPRetriever(Retriever):
         chunks = []
         for batch in batched(list(images), batch_size):
             pixels = self.processor(images=[load_image(im) for im in batch], return_tensors="pt")["pixel_values"]
-            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+            feats = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
             chunks.append(l2_normalize(feats))
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim, device=self.device)

@@ -18,9 +18,11 @@ from .base import (
     Retriever,
     TextInfo,
     batched,
+    cast_model,
     l2_normalize,
     load_image,
     resolve_device,
+    resolve_dtype,
     warn_random_init,
     weights_digest,
 )
@@ -45,6 +47,7 @@ class OpenCLIPRetriever(Retriever):
         model_name: str,
         pretrained: str | None = None,
         device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
         random_init: bool = False,
         seed: int = 0,
         model_cfg: dict[str, Any] | None = None,
@@ -93,6 +96,8 @@ class OpenCLIPRetriever(Retriever):
         self.dim = _embed_dim(self.model)
         self._architecture = _architecture_id(model_name, model_cfg)
         self._fingerprint: str | None = None
+        self.dtype = resolve_dtype(dtype, self.device)
+        cast_model(self, self.model, self.dtype)
         if random_init:
             warn_random_init(self.spec)
 
@@ -136,7 +141,7 @@ class OpenCLIPRetriever(Retriever):
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         chunks = []
         for batch in batched(list(images), batch_size):
-            pixels = torch.stack([self.preprocess(load_image(im)) for im in batch]).to(self.device)
+            pixels = torch.stack([self.preprocess(load_image(im)) for im in batch]).to(self.device, self.dtype)
             chunks.append(l2_normalize(self.model.encode_image(pixels)))
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim, device=self.device)
 

@@ -11,7 +11,17 @@ from pathlib import Path
 
 import torch
 
-from .base import Retriever, TextInfo, batched, l2_normalize, resolve_device, warn_random_init, weights_digest
+from .base import (
+    Retriever,
+    TextInfo,
+    batched,
+    cast_model,
+    l2_normalize,
+    resolve_device,
+    resolve_dtype,
+    warn_random_init,
+    weights_digest,
+)
 from .loading import load_hf_parts, resolve_model_path
 
 
@@ -32,6 +42,7 @@ class TextEmbedder(Retriever):
         self,
         model: str,
         device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
         max_length: int | None = None,
         random_init: bool = False,
         seed: int = 0,
@@ -48,6 +59,8 @@ class TextEmbedder(Retriever):
         self.dim = int(self.model.config.hidden_size)
         self._seed = seed
         self._fingerprint: str | None = None
+        self.dtype = resolve_dtype(dtype, self.device)
+        cast_model(self, self.model, self.dtype)
         if random_init:
             warn_random_init(self.spec)
 
