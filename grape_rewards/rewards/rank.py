@@ -69,7 +69,10 @@ def score_block(queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     queries are rounded to that dtype. Elsewhere the block is converted to float32 (bounded by the block).
     """
     if block.is_cuda and block.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(queries.to(block.dtype), block.T, out_dtype=torch.float32)
+        try:
+            return torch.mm(queries.to(block.dtype), block.T, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8 has no out_dtype: convert the block (bounded by the chunk)
+            pass
     return queries.to(torch.float32) @ block.to(torch.float32).T
 
 
