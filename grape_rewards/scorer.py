@@ -161,7 +161,7 @@ class RewardScorer:
     def _queries(self, texts: Sequence[str], references: Sequence[str | None]) -> tuple[torch.Tensor, list[TextInfo]]:
         emb, infos = self.encode(texts)
         if self.retriever.takes_reference:
-            ref = self.index.embeddings[self.index.rows([r for r in references if r is not None])].float()
+            ref = self.index.vectors([r for r in references if r is not None])
             emb = self.retriever.fuse_queries(emb, ref)
         return emb, infos
 

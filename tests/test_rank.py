@@ -150,3 +150,27 @@ def test_float16_corpus_agrees_with_float32_except_within_its_resolution():
         near = int(((scores[i] - scores[i, i]).abs() < tol).sum()) - 1
         assert abs(int(half.rank[i]) - int(exact.rank[i])) <= near
     assert (half.rank == exact.rank).float().mean() >= 0.85  # most ranks are untouched
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.integers(1, 4), st.data())
+def test_rank_is_additive_over_shards(problem, num_shards, data):
+    """Sharded: 1 + the sum over shards of the items above the best target, merged, equals the global rank."""
+    from grape_rewards.rewards import finish_rank, merge_counts, scan_counts, target_scores
+
+    q, c, targets, excluded, chunk = problem
+    n = c.shape[0]
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), min_size=num_shards - 1, max_size=num_shards - 1)))
+    bounds = list(zip([0, *cuts], [*cuts, n]))
+    local = [[[r - lo for r in rows if lo <= r < hi] for rows in per_query] for lo, hi in bounds
+             for per_query in [targets]]
+    thresholds = torch.stack([target_scores(q, c[lo:hi], local[i]) for i, (lo, hi) in enumerate(bounds)]).amax(0)
+    parts = []
+    for lo, hi in bounds:
+        masked = [[r - lo for r in list(t) + list(e) if lo <= r < hi] for t, e in zip(targets, excluded)]
+        parts.append(scan_counts(q, c[lo:hi], thresholds, masked, chunk))
+    sharded = finish_rank(merge_counts(parts), thresholds)
+    whole = corpus_rank(q, c, targets, excluded, chunk_elements=chunk)
+    assert torch.equal(sharded.rank, whole.rank) and torch.equal(sharded.n, whole.n)
+    assert torch.allclose(sharded.mean_sim, whole.mean_sim, atol=1e-5)
+    assert torch.equal(sharded.best_nontarget_sim, whole.best_nontarget_sim)

@@ -157,6 +157,10 @@ class CorpusIndex:
             out.append(row)
         return out
 
+    def vectors(self, ids: Sequence[str]) -> torch.Tensor:
+        """The (float32) embeddings of ``ids``, e.g. CIRR's reference images for composed queries."""
+        return self.embeddings[self.rows(ids)].to(torch.float32)
+
     def rank(
         self,
         queries: torch.Tensor,

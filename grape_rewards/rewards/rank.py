@@ -94,6 +94,110 @@ def chunk_rows(num_queries: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -
     return max(1, chunk_elements // max(1, num_queries))
 
 
+@dataclass(frozen=True)
+class ScanCounts:
+    """What a scan of (part of) the corpus contributes to each query's statistics; additive over a partition.
+
+    Rank is additive over any partition of the corpus: the global rank is 1 + the sum over parts of the
+    items scoring above the best target, so a corpus sharded across devices or processes is ranked exactly
+    by :func:`scan_counts` on each shard and :func:`merge_counts`.
+    """
+
+    count_above: torch.Tensor
+    """Non-target, non-excluded items scoring strictly above the threshold (int64)."""
+    total: torch.Tensor
+    """Sum of their scores (float64), for the mean."""
+    n_others: torch.Tensor
+    """How many non-target, non-excluded items the part holds (int64)."""
+    best: torch.Tensor
+    """Highest score among them (-inf when none)."""
+
+
+def merge_counts(parts: Sequence[ScanCounts]) -> ScanCounts:
+    """Combine the scans of the parts of a partition (sums, and the max of the best)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    return ScanCounts(
+        count_above=torch.stack([p.count_above.cpu() for p in parts]).sum(0),
+        total=torch.stack([p.total.cpu() for p in parts]).sum(0),
+        n_others=torch.stack([p.n_others.cpu() for p in parts]).sum(0),
+        best=torch.stack([p.best.cpu() for p in parts]).amax(0),
+    )
+
+
+def _check_inputs(queries: torch.Tensor, corpus: torch.Tensor) -> None:
+    if queries.ndim != 2 or corpus.ndim != 2:
+        raise ValueError(f"queries and corpus must be 2-D, got {tuple(queries.shape)} and {tuple(corpus.shape)}")
+    if queries.shape[1] != corpus.shape[1]:
+        raise ValueError(f"dimension mismatch: queries are {queries.shape[1]}-d, corpus is {corpus.shape[1]}-d")
+
+
+@torch.inference_mode()
+def target_scores(queries: torch.Tensor, corpus: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Each query's best score among its target rows of ``corpus`` (-inf for a query with none here), on the CPU.
+
+    >>> target_scores(torch.tensor([[1.0, 0.0]]), torch.eye(2), [[0, 1]]).tolist()
+    [1.0]
+    """
+    _check_inputs(queries, corpus)
+    device = corpus.device
+    q = queries.to(device=device, dtype=torch.float32)
+    tq, tr = _pairs(targets, q.shape[0], corpus.shape[0], "targets").to(device)
+    best = torch.full((q.shape[0],), float("-inf"), device=device)
+    if tq.numel():
+        best.scatter_reduce_(0, tq, pair_scores(q[tq], corpus[tr]), reduce="amax")
+    return best.cpu()
+
+
+@torch.inference_mode()
+def scan_counts(
+    queries: torch.Tensor,
+    corpus: torch.Tensor,
+    thresholds: torch.Tensor,
+    masked: Sequence[Sequence[int]],
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> ScanCounts:
+    """Scan ``corpus`` in chunks: per query, the items (other than its ``masked`` rows) scoring above its threshold.
+
+    Args:
+        thresholds: (Q,) each query's best target score.
+        masked: per query, the rows of this corpus left out (its targets and exclusions held here).
+    """
+    _check_inputs(queries, corpus)
+    device = corpus.device
+    num_queries, num_items = queries.shape[0], corpus.shape[0]
+    q = queries.to(device=device, dtype=torch.float32)
+    threshold = thresholds.to(device=device, dtype=torch.float32)
+    pairs = _pairs(masked, num_queries, num_items, "masked rows").to(device)
+    # Deduplicate (query, row) pairs: a row that is both a target and excluded is removed once.
+    keys = torch.unique(pairs[0] * num_items + pairs[1])
+    mq, mr = keys // num_items, keys % num_items
+
+    count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
+    total = torch.zeros(num_queries, dtype=torch.float64, device=device)
+    best = torch.full((num_queries,), float("-inf"), device=device)
+    step = chunk_rows(num_queries, chunk_elements)
+    for start in range(0, num_items, step):
+        end = min(start + step, num_items)
+        scores = score_block(q, corpus[start:end])
+        sel = (mr >= start) & (mr < end)
+        scores[mq[sel], mr[sel] - start] = float("nan")  # NaN is never > threshold and is skipped below
+        count_above += (scores > threshold[:, None]).sum(1)
+        total += torch.nan_to_num(scores, nan=0.0).sum(1, dtype=torch.float64)
+        best = torch.maximum(best, torch.nan_to_num(scores, nan=float("-inf")).amax(1))
+    n_others = num_items - torch.bincount(mq, minlength=num_queries)
+    return ScanCounts(count_above.cpu(), total.cpu(), n_others.cpu(), best.cpu())
+
+
+def finish_rank(counts: ScanCounts, target_sim: torch.Tensor) -> RankStats:
+    """Turn merged scan counts and the best target scores into :class:`RankStats`."""
+    n_others = counts.n_others
+    mean_sim = torch.where(n_others > 0, counts.total / n_others.clamp(min=1), torch.zeros_like(counts.total))
+    best = torch.where(n_others > 0, counts.best, torch.full_like(counts.best, -1.0))
+    return RankStats(rank=counts.count_above + 1, n=n_others + 1, target_sim=target_sim.to(torch.float32),
+                     mean_sim=mean_sim.to(torch.float32), best_nontarget_sim=best.to(torch.float32))
+
+
 @torch.inference_mode()
 def corpus_rank(
     queries: torch.Tensor,
@@ -120,51 +224,14 @@ def corpus_rank(
     >>> int(corpus_rank(q, c, targets=[[0]], excluded=[[1]]).rank[0])
     1
     """
-    if queries.ndim != 2 or corpus.ndim != 2:
-        raise ValueError(f"queries and corpus must be 2-D, got {tuple(queries.shape)} and {tuple(corpus.shape)}")
-    if queries.shape[1] != corpus.shape[1]:
-        raise ValueError(f"dimension mismatch: queries are {queries.shape[1]}-d, corpus is {corpus.shape[1]}-d")
-    num_queries, num_items = queries.shape[0], corpus.shape[0]
+    _check_inputs(queries, corpus)
     for i, t in enumerate(targets):
         if len(t) == 0:
             raise ValueError(f"query {i} has no target")
-    device = corpus.device
-    q = queries.to(device=device, dtype=torch.float32)
-
-    target_pairs = _pairs(targets, num_queries, num_items, "targets").to(device)
-    excluded_pairs = _pairs(excluded if excluded is not None else [[] for _ in range(num_queries)],
-                            num_queries, num_items, "excluded")
-    masked = torch.cat([target_pairs, excluded_pairs.to(device)], dim=1)
-    # Deduplicate (query, row) pairs: a row that is both a target and excluded is removed once.
-    masked = torch.unique(masked[0] * num_items + masked[1])
-    mq, mr = masked // num_items, masked % num_items
-
-    tq, tr = target_pairs
-    target_sim = torch.full((num_queries,), float("-inf"), device=device)
-    target_sim.scatter_reduce_(0, tq, pair_scores(q[tq], corpus[tr]), reduce="amax")
-
-    count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
-    total = torch.zeros(num_queries, dtype=torch.float64, device=device)
-    best = torch.full((num_queries,), float("-inf"), device=device)
-    step = chunk_rows(num_queries, chunk_elements)
-    for start in range(0, num_items, step):
-        end = min(start + step, num_items)
-        scores = score_block(q, corpus[start:end])
-        sel = (mr >= start) & (mr < end)
-        sq, sr = mq[sel], mr[sel] - start
-        scores[sq, sr] = float("nan")  # NaN is never > threshold and is skipped below
-        count_above += (scores > target_sim[:, None]).sum(1)
-        total += torch.nan_to_num(scores, nan=0.0).sum(1, dtype=torch.float64)
-        best = torch.maximum(best, torch.nan_to_num(scores, nan=float("-inf")).amax(1))
-
-    num_masked = torch.bincount(mq, minlength=num_queries)
-    n_others = num_items - num_masked
-    mean_sim = torch.where(n_others > 0, total / n_others.clamp(min=1), torch.zeros_like(total))
-    best = torch.where(n_others > 0, best, torch.full_like(best, -1.0))
-    return RankStats(
-        rank=(count_above + 1).cpu(),
-        n=(n_others + 1).cpu(),
-        target_sim=target_sim.cpu(),
-        mean_sim=mean_sim.to(torch.float32).cpu(),
-        best_nontarget_sim=best.cpu(),
-    )
+    excluded = excluded if excluded is not None else [[] for _ in targets]
+    if len(excluded) != len(targets):
+        raise ValueError(f"excluded: got {len(excluded)} lists for {len(targets)} queries")
+    thresholds = target_scores(queries, corpus, targets)
+    masked = [list(t) + list(e) for t, e in zip(targets, excluded)]
+    counts = scan_counts(queries, corpus, thresholds, masked, chunk_elements)
+    return finish_rank(counts, thresholds)
