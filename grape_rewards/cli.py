@@ -102,6 +102,15 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_shard(args: argparse.Namespace) -> int:
+    from .distributed.shard import shard_index
+
+    folders = shard_index(args.dir, args.out, args.num_shards, overwrite=args.overwrite)
+    for folder in folders:
+        print(folder)
+    return 0
+
+
 # -- score ---------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
     from .corpus import CorpusIndex, read_manifest
@@ -153,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     i = isub.add_parser("info", help="print an index's manifest")
     i.add_argument("dir", type=Path)
     i.set_defaults(func=cmd_index_info)
+    sh = isub.add_parser("shard", help="split an index into S shard indexes (for a corpus sharded across GPUs)")
+    sh.add_argument("dir", type=Path, help="the index to split")
+    sh.add_argument("--out", required=True, type=Path, help="folder to write shard-000-of-S/... into")
+    sh.add_argument("--num-shards", "-s", required=True, type=int)
+    sh.add_argument("--overwrite", action="store_true")
+    sh.set_defaults(func=cmd_index_shard)
 
     p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
     p.add_argument("--index", required=True, type=Path)
