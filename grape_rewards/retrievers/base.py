@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
@@ -102,6 +102,32 @@ class Retriever(ABC):
             "fingerprint": self.fingerprint,
             "random_init": self.random_init,
         }
+
+
+def model_fingerprint(retriever: Retriever, model: torch.nn.Module, *extra: object) -> str:
+    """The fingerprint of ``model``'s weights and ``extra`` settings, computed once and cached on the retriever."""
+    cached = getattr(retriever, "_fingerprint", None)
+    if cached is None:
+        cached = ("random-init-" if retriever.random_init else "") + weights_digest(model, *extra)[:32]
+        retriever._fingerprint = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def tokenizer_text_info(tokenizer: object, texts: Sequence[str], max_tokens: int) -> list[TextInfo]:
+    """Token counts of a transformers tokenizer (special tokens included), and whether they exceed ``max_tokens``."""
+    ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]  # type: ignore[operator]
+    return [TextInfo(num_tokens=len(x), truncated=len(x) > max_tokens) for x in ids]
+
+
+def encode_in_length_order(texts: Sequence[str], batch_size: int, dim: int, device: torch.device,
+                           encode_batch: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+    """Encode texts in batches of similar length (little padding), returning unit rows in the input order."""
+    texts = list(texts)
+    out = torch.empty(len(texts), dim, device=device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for idx in batched(order, batch_size):
+        out[torch.tensor(idx, device=device)] = l2_normalize(encode_batch([texts[i] for i in idx]))
+    return out
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,14 @@ from .base import (
     TextInfo,
     batched,
     cast_model,
+    encode_in_length_order,
     l2_normalize,
     load_image,
+    model_fingerprint,
     resolve_device,
     resolve_dtype,
+    tokenizer_text_info,
     warn_random_init,
-    weights_digest,
 )
 from .loading import load_hf_parts
 
@@ -74,30 +76,23 @@ class HFCLIPRetriever(Retriever):
 
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            digest = weights_digest(self.model, "hf-clip", self._model_type, self.processor.to_json_string(),
-                                    self.max_text_tokens)
-            self._fingerprint = ("random-init-" if self.random_init else "") + digest[:32]
-        return self._fingerprint
+        return model_fingerprint(self, self.model, "hf-clip", self._model_type, self.processor.to_json_string(),
+                                 self.max_text_tokens)
 
     def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
-        return [TextInfo(num_tokens=n, truncated=n > self.max_text_tokens) for n in lengths]
+        return tokenizer_text_info(self.tokenizer, texts, self.max_text_tokens)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        texts = list(texts)
-        out = torch.empty(len(texts), self.dim, device=self.device)
-        padding = "max_length" if self._model_type in _PAD_TO_MAX_LENGTH else True
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for idx in batched(order, batch_size):
-            enc = self.tokenizer([texts[i] for i in idx], padding=padding, truncation=True,
-                                 max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
-            if self._model_type in _PAD_TO_MAX_LENGTH:
-                enc.pop("attention_mask", None)
-            feats = _features(self.model.get_text_features(**enc))
-            out[torch.tensor(idx, device=self.device)] = l2_normalize(feats)
-        return out
+        return encode_in_length_order(texts, batch_size, self.dim, self.device, self._encode_batch)
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        full = self._model_type in _PAD_TO_MAX_LENGTH
+        enc = self.tokenizer(texts, padding="max_length" if full else True, truncation=True,
+                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+        if full:
+            enc.pop("attention_mask", None)
+        return _features(self.model.get_text_features(**enc))
 
     @torch.no_grad()
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:

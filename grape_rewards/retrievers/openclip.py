@@ -21,10 +21,10 @@ from .base import (
     cast_model,
     l2_normalize,
     load_image,
+    model_fingerprint,
     resolve_device,
     resolve_dtype,
     warn_random_init,
-    weights_digest,
 )
 
 
@@ -103,10 +103,9 @@ class OpenCLIPRetriever(Retriever):
 
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            preprocess = _preprocess_id(self.model, self.preprocess)
-            digest = weights_digest(self.model, "open_clip", self._architecture, preprocess, self.max_text_tokens)
-            self._fingerprint = ("random-init-" if self.random_init else "") + digest[:32]
+        if self._fingerprint is None:  # the preprocessing id is worth computing once only
+            return model_fingerprint(self, self.model, "open_clip", self._architecture,
+                                     _preprocess_id(self.model, self.preprocess), self.max_text_tokens)
         return self._fingerprint
 
     def text_info(self, texts: Sequence[str]) -> list[TextInfo]:

@@ -14,13 +14,13 @@ import torch
 from .base import (
     Retriever,
     TextInfo,
-    batched,
     cast_model,
-    l2_normalize,
+    encode_in_length_order,
+    model_fingerprint,
     resolve_device,
     resolve_dtype,
+    tokenizer_text_info,
     warn_random_init,
-    weights_digest,
 )
 from .loading import load_hf_parts, resolve_model_path
 
@@ -66,29 +66,22 @@ class TextEmbedder(Retriever):
 
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            digest = weights_digest(self.model, "text-embedder", "mean-pool", self.max_text_tokens)
-            self._fingerprint = ("random-init-" if self.random_init else "") + digest[:32]
-        return self._fingerprint
+        return model_fingerprint(self, self.model, "text-embedder", "mean-pool", self.max_text_tokens)
 
     def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
-        lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
-        return [TextInfo(num_tokens=n, truncated=n > self.max_text_tokens) for n in lengths]
+        return tokenizer_text_info(self.tokenizer, texts, self.max_text_tokens)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        texts = list(texts)
-        out = torch.empty(len(texts), self.dim, device=self.device)
         # Batches of similar length pad little; mean pooling over the attention mask makes it exact.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for idx in batched(order, batch_size):
-            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
-                                 max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
-            hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[torch.tensor(idx, device=self.device)] = l2_normalize(pooled)
-        return out
+        return encode_in_length_order(texts, batch_size, self.dim, self.device, self._encode_batch)
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
+                             return_tensors="pt").to(self.device)
+        hidden = self.model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
 def _default_max_length(model_path: str, model: torch.nn.Module, tokenizer: object) -> int:
