@@ -147,15 +147,16 @@ class RewardScorer:
                 missing[key[1]] = None
         if missing:
             texts_to_encode = list(missing)
+            # Cached rows stay on the index's device: no host round trip per request on a GPU.
             emb = self.retriever.encode_texts(texts_to_encode, batch_size=self.encode_batch_size).to(
-                "cpu", torch.float32)
+                self.index.device, torch.float32)
             infos = self.retriever.text_info(texts_to_encode)
             for text, e, info in zip(texts_to_encode, emb, infos):
                 found[(fp, text)] = (e, info)
                 self.embedding_cache.put((fp, text), (e, info))
         if not keys:
             return torch.empty(0, self.retriever.dim, device=self.index.device), []
-        emb = torch.stack([found[k][0] for k in keys]).to(self.index.device)
+        emb = torch.stack([found[k][0] for k in keys])
         return emb, [found[k][1] for k in keys]
 
     def _queries(self, texts: Sequence[str], references: Sequence[str | None]) -> tuple[torch.Tensor, list[TextInfo]]:
@@ -203,7 +204,7 @@ class RewardScorer:
 
     def score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
         """Score a batch; every sample gets the same keys (:attr:`keys`)."""
-        with self._lock:
+        with self._lock, torch.inference_mode():
             return self._score_batch(items)
 
     def score(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
