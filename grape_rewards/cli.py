@@ -3,7 +3,14 @@
     grape-rewards demo                       the rank reward vs the similarity reward on the embedded corpus
     grape-rewards index build ...            embed a corpus (resumable)
     grape-rewards index info DIR             print an index's manifest
+    grape-rewards index shard DIR ...        split an index into shards (a corpus across GPUs)
     grape-rewards score ...                  score a JSONL of rewrites offline
+    grape-rewards serve ...                  the remote reward service (OpenRLHF /get_reward, native, /retrieve)
+    grape-rewards prepare ...                training data for OpenRLHF, verl and TRL
+    grape-rewards adapters ...               where the framework adapters are installed
+    grape-rewards rewrite ...                generate rewrites of a benchmark's queries with an LLM
+    grape-rewards eval ...                   Recall@K of original vs rewritten queries, score-inflation report
+    grape-rewards inflation-report ...       the score-inflation report of scored JSONL files
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "grape_rewards.server.cli",
     "grape_rewards.eval.cli",
+    "grape_rewards.rewrite.cli",
     "grape_rewards.prepare.cli",
     "grape_rewards.adapters.cli",
 )

@@ -1,0 +1,109 @@
+"""``grape-rewards eval`` (Recall@K of original queries and rewrite files, the score-inflation report, CIRR
+submissions), ``grape-rewards inflation-report`` (the report from scored JSONL files alone), and
+``grape-rewards rewrite`` (registered from :mod:`grape_rewards.rewrite.cli`).
+
+    grape-rewards eval --benchmark flickr30k-cn --root data/flickr30k-cn --retriever open_clip:ViT-L-14/openai \\
+        --rewrites base=rewrites/base.jsonl --rewrites grape=rewrites/grape.jsonl --out results/flickr
+    grape-rewards eval --benchmark cirr --root data/cirr --split test1 --retriever composed:open_clip:ViT-L-14/openai \\
+        --rewrites grape=rewrites/cirr_test.jsonl --out results/cirr_test      # submissions only
+
+Nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _named_paths(items: list[str]) -> list[tuple[str | None, Path]]:
+    from .evaluate import parse_named_path
+
+    return [parse_named_path(item) for item in items]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..cli import retriever_from_args
+    from ..corpus.index import read_manifest
+    from ..retrievers.composed import ComposedRetriever
+    from ..rewrite.cli import benchmark_from_args
+    from .evaluate import RewriteSet, evaluate, prepare_index, write_eval_outputs
+    from .inflation_report import from_scored_jsonl
+
+    # Read every input before the (slow) model and corpus work, so a wrong path fails at once.
+    rewrite_sets = [RewriteSet.from_file(path, name) for name, path in _named_paths(args.rewrites)]
+    extra = [from_scored_jsonl(path, name) for name, path in _named_paths(args.scored)]
+    benchmark = benchmark_from_args(args)
+    spec = args.retriever
+    if spec is None:
+        if args.index is None:
+            raise ValueError("--retriever is required unless --index names a prebuilt index")
+        spec = read_manifest(args.index)["retriever"]["spec"]
+    retriever = retriever_from_args(args, spec)
+    if benchmark.task == "composed" and not isinstance(retriever, ComposedRetriever):
+        # Composed queries fuse the reference image: wrap the CLIP retriever (same corpus embeddings).
+        retriever = ComposedRetriever(retriever, fusion=args.fusion, image_weight=args.image_weight)
+    index = prepare_index(benchmark, retriever, index_dir=args.index, save_dir=args.save_index,
+                          batch_size=args.corpus_batch_size, num_workers=args.num_workers, progress=not args.quiet)
+    report = evaluate(benchmark, retriever, index, rewrite_sets, batch_size=args.batch_size, limit=args.limit,
+                      submissions=args.write_submissions, progress=not args.quiet)
+    files = write_eval_outputs(report, args.out, per_query=args.per_query, extra_distributions=extra,
+                               plot=not args.no_plot)
+    print(report.to_markdown())
+    print(json.dumps(files, indent=2))
+    return 0
+
+
+def cmd_inflation_report(args: argparse.Namespace) -> int:
+    from .inflation_report import from_scored_jsonl, write_inflation_report
+
+    dists = [from_scored_jsonl(path, name) for name, path in _named_paths(args.scored)]
+    result = write_inflation_report(dists, args.out, prefix=args.prefix, title=args.title, plot=not args.no_plot)
+    print(Path(result["files"]["md"]).read_text(encoding="utf-8"))
+    print(json.dumps(result["files"], indent=2))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``eval`` and ``inflation-report`` to the sub-commands."""
+    from ..cli import _add_retriever_args
+    from ..rewrite.cli import add_benchmark_args
+
+    p = subparsers.add_parser("eval", help="Recall@K of original queries and rewrite files; inflation report; "
+                                           "CIRR submissions", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_benchmark_args(p)
+    _add_retriever_args(p, required=False)
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json/.md, inflation.json/.md/.png, "
+                                                           "submissions/")
+    p.add_argument("--rewrites", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a rewrites JSONL (grape-rewards rewrite); NAME labels it (default: the file name); "
+                        "repeatable")
+    p.add_argument("--scored", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a scored JSONL (grape-rewards score) added to the inflation report only, e.g. rewrites "
+                        "scored under another reward; repeatable")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--index", type=Path, help="a prebuilt index of the benchmark's corpus (fingerprint checked)")
+    g.add_argument("--save-index", type=Path,
+                   help="build the corpus index here (or reuse the one already built here from the same corpus)")
+    p.add_argument("--batch-size", type=int, default=256, help="queries per encoding batch")
+    p.add_argument("--corpus-batch-size", type=int, default=64, help="corpus items per encoding batch")
+    p.add_argument("--num-workers", type=int, default=4, help="image decoding threads")
+    p.add_argument("--limit", type=int, help="only the first N labelled queries (a quick look)")
+    p.add_argument("--write-submissions", action="store_true",
+                   help="CIRR: also write the server's submission files on a labelled split (always on test1)")
+    p.add_argument("--per-query", action="store_true", help="also write per_query.jsonl")
+    p.add_argument("--no-plot", action="store_true", help="skip inflation.png (no matplotlib needed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("inflation-report", help="score-inflation report from scored JSONL files")
+    p.add_argument("--scored", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a scored JSONL (grape-rewards score output); repeatable")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--prefix", default="inflation", help="file name stem of the outputs")
+    p.add_argument("--title")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=cmd_inflation_report)

@@ -1,0 +1,466 @@
+"""Recall@K of a benchmark's original queries and of rewrite files, side by side.
+
+The benchmark's corpus is embedded into an index (or a prebuilt one is loaded, with its retriever
+fingerprint checked); queries are encoded (the original text, or each rewrite file's rewrite, which
+falls back to the original when the file lacks the query or its rewrite is empty), and each query's
+target is ranked exactly over the whole corpus with :meth:`CorpusIndex.rank`.
+
+Text-to-image benchmarks report Recall@{1,5,10} and their mean. CIRR (``shared/protocols.md``) reports
+Recall@{1,5,10,50} over the split's whole gallery with the query's reference image removed,
+Recall_subset@{1,2,3} over ``img_set.members`` minus the reference, and ``avg`` = (R@5 + R_subset@1) / 2
+(the average CIRR papers report). Composed queries fuse the reference image's embedding, read from the
+index, with the text (the retriever's fusion). The CIRR test split has no labels: only the two
+submission files of the CIRR server are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..corpus.build import build_index
+from ..corpus.index import CorpusIndex, IndexError_, read_manifest
+from ..corpus.source import CorpusSource
+from ..datasets.schema import Benchmark, Query
+from ..retrievers.base import Retriever
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats
+from .inflation_report import SimilarityDistribution, from_rank_stats
+from .metrics import CIRR_RECALL_KS, CIRR_SUBMISSION_TOP_K, CIRR_SUBSET_KS, recall_at_k, subset_ranks, top_k_ids
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10)
+"""The K of text-to-image Recall@K."""
+ORIGINAL = "original"
+"""The name of the original queries' method."""
+
+
+# -- rewrite files ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RewriteSet:
+    """The rewrites of one method by query id (from a ``grape-rewards rewrite`` JSONL file)."""
+
+    name: str
+    rewrites: dict[str, str]
+    source: str | None = None
+    models: tuple[str, ...] = ()
+    """The distinct ``model`` values of the file."""
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str | None = None) -> RewriteSet:
+        """Read a rewrites JSONL (``query_id``, ``rewrite``; ``raw`` and ``model`` optional)."""
+        from ..rewrite.store import read_rewrites
+
+        rows = read_rewrites(path)
+        models = tuple(sorted({str(r["model"]) for r in rows.values() if r.get("model") is not None}))
+        return cls(name or Path(path).stem, {k: r["rewrite"] for k, r in rows.items()}, str(path), models)
+
+
+def parse_named_path(text: str) -> tuple[str | None, Path]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare ``PATH`` -> (None, PATH).
+
+    >>> parse_named_path("grpo-rank=out/rw.jsonl")
+    ('grpo-rank', PosixPath('out/rw.jsonl'))
+    >>> parse_named_path("out/rw.jsonl")
+    (None, PosixPath('out/rw.jsonl'))
+    """
+    name, sep, path = text.partition("=")
+    if sep and path and re.fullmatch(r"[\w.@+-]+", name) and not Path(text).exists():
+        return name, Path(path)
+    return None, Path(text)
+
+
+def safe_name(name: str) -> str:
+    """A method name usable in file names.
+
+    >>> safe_name("qwen 7b/rank")
+    'qwen_7b_rank'
+    """
+    return re.sub(r"[^\w.@+-]+", "_", name).strip("_") or "method"
+
+
+# -- index --------------------------------------------------------------------------------------------------
+def corpus_source(benchmark: Benchmark, modality: str) -> CorpusSource:
+    """The benchmark's corpus as an index source of ``modality`` (``image`` paths or ``text``)."""
+    records = []
+    for item in benchmark.corpus():
+        payload = item.image if modality == "image" else item.text
+        if payload is None:
+            raise ValueError(f"{benchmark!r}: corpus item {item.id!r} has no {modality}, but the retriever embeds "
+                             f"{modality} corpora")
+        records.append((item.id, payload))
+    return CorpusSource.from_records(records, modality, origin=f"{benchmark.name}:{benchmark.split}:{benchmark.root}")
+
+
+def prepare_index(
+    benchmark: Benchmark,
+    retriever: Retriever,
+    *,
+    index_dir: str | Path | None = None,
+    save_dir: str | Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    progress: bool = True,
+) -> CorpusIndex:
+    """The benchmark's corpus index on the retriever's device.
+
+    ``index_dir``: load this prebuilt index (``grape-rewards index build``); its retriever fingerprint
+    must match. ``save_dir``: build the benchmark's corpus there, or reuse the index already there when it
+    was built from the same corpus with the same retriever. Neither: build in a temporary folder.
+    """
+    if index_dir is not None and save_dir is not None:
+        raise ValueError("give either an index to load or a folder to save one in, not both")
+    load_kw = {"device": retriever.device, "expected_fingerprint": retriever.fingerprint,
+               "expected_spec": retriever.spec}
+    if index_dir is not None:
+        return CorpusIndex.load(index_dir, **load_kw)
+    source = corpus_source(benchmark, retriever.corpus_modality)
+    build_kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress}
+    if save_dir is not None:
+        save = Path(save_dir)
+        if (save / "manifest.json").is_file():
+            manifest = read_manifest(save)
+            if manifest.get("source", {}).get("sha256") != source.digest:
+                raise IndexError_(f"{save} holds an index of another corpus ({manifest.get('source', {}).get('origin')}"
+                                  f"), not {source.origin}; choose another --save-index folder or delete it")
+            logger.info("reusing the index in %s", save)
+            return CorpusIndex.load(save, **load_kw)
+        build_index(source, retriever, save, **build_kw)
+        return CorpusIndex.load(save, **load_kw)
+    with tempfile.TemporaryDirectory(prefix="grape-eval-index-") as tmp:
+        build_index(source, retriever, Path(tmp) / "index", **build_kw)
+        return CorpusIndex.load(Path(tmp) / "index", **load_kw)
+
+
+# -- encoding -----------------------------------------------------------------------------------------------
+def encode_queries(
+    retriever: Retriever,
+    index: CorpusIndex,
+    texts: Sequence[str],
+    reference_ids: Sequence[str | None] | None = None,
+    *,
+    batch_size: int = 256,
+    progress: bool = True,
+    desc: str = "encode",
+) -> torch.Tensor:
+    """Query vectors (float32, CPU): text embeddings, fused with the reference image's embedding from the
+    index when the retriever takes a reference (composed retrieval)."""
+    chunks = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
+        chunks.append(retriever.encode_texts(list(texts[start:start + batch_size]), batch_size=batch_size)
+                      .to("cpu", torch.float32))
+    emb = torch.cat(chunks) if chunks else torch.empty(0, retriever.dim)
+    if retriever.takes_reference:
+        if reference_ids is None or any(r is None for r in reference_ids):
+            raise ValueError(f"{retriever.spec!r} fuses a reference image into every query, but some queries have "
+                             "no reference_id")
+        rows = index.rows([r for r in reference_ids if r is not None])
+        ref = index.embeddings[rows].to("cpu", torch.float32)
+        emb = retriever.fuse_queries(emb, ref).to("cpu", torch.float32)
+    return emb
+
+
+# -- results ------------------------------------------------------------------------------------------------
+@dataclass
+class MethodResult:
+    """One method's queries and what they scored."""
+
+    name: str
+    texts: list[str]
+    source: str | None = None
+    models: tuple[str, ...] = ()
+    fallback_missing: int = 0
+    """Queries the rewrite file lacks (the original query was used)."""
+    fallback_empty: int = 0
+    """Queries whose rewrite is empty (the original query was used)."""
+    fallback_ids: list[str] = field(default_factory=list)
+    metrics: dict[str, float] | None = None
+    stats: RankStats | None = None
+    subset_ranks: list[int] | None = None
+    recall_ranked_ids: list[list[str]] | None = None
+    """CIRR submissions: the top gallery ids of each query (reference removed)."""
+    subset_ranked_ids: list[list[str]] | None = None
+
+    @property
+    def fallbacks(self) -> int:
+        return self.fallback_missing + self.fallback_empty
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"metrics": self.metrics, "fallback": {"missing": self.fallback_missing,
+                                                                     "empty": self.fallback_empty,
+                                                                     "total": self.fallbacks}}
+        if self.source is not None:
+            out["source"] = self.source
+        if self.models:
+            out["models"] = list(self.models)
+        return out
+
+
+@dataclass
+class EvalReport:
+    """Everything an evaluation computed; :meth:`to_dict` is ``metrics.json``, :meth:`to_markdown` the table."""
+
+    benchmark: dict[str, Any]
+    retriever: dict[str, Any]
+    index: dict[str, Any]
+    protocol: str
+    """``recall`` (text-to-image Recall@1/5/10) or ``cirr``."""
+    queries: list[Query]
+    """The evaluated queries, in order (the rows of every method's arrays)."""
+    methods: list[MethodResult]
+    labelled: bool = True
+
+    @property
+    def headline(self) -> str:
+        return "avg" if self.protocol == "cirr" else "mean"
+
+    def method(self, name: str) -> MethodResult:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(f"no method {name!r}; methods: {[m.name for m in self.methods]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"benchmark": self.benchmark, "retriever": self.retriever, "index": self.index,
+                "protocol": self.protocol, "labelled": self.labelled, "headline": self.headline,
+                "methods": {m.name: m.summary() for m in self.methods}}
+
+    def to_markdown(self) -> str:
+        """A markdown table: one row per method, the metrics in percent, the change of the headline metric
+        against the original queries, and how many queries fell back to the original."""
+        b = self.benchmark
+        title = f"# {b['name']} ({b['split']}): {b['num_evaluated']} queries, corpus of {self.index['count']}\n\n"
+        title += f"Retriever `{self.retriever.get('spec')}`"
+        if "fusion" in self.retriever:
+            title += f", fusion {self.retriever['fusion']} (image weight {self.retriever.get('image_weight')})"
+        title += ".\n\n"
+        if not self.labelled:
+            lines = [title + "Labels are hidden on this split: no metrics; submission files only.\n"]
+            for m in self.methods:
+                lines.append(f"- {m.name}: {m.fallbacks} fallbacks to the original query\n")
+            return "".join(lines)
+        keys = [k for k in (self.methods[0].metrics or {})]
+        header = ["method", *keys, f"Δ{self.headline}", "fallback"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        base = self.method(ORIGINAL).metrics if any(m.name == ORIGINAL for m in self.methods) else None
+        for m in self.methods:
+            metrics = m.metrics or {}
+            cells = [m.name] + [f"{metrics[k]:.2f}" for k in keys]
+            delta = metrics[self.headline] - base[self.headline] if base is not None else float("nan")
+            cells.append("—" if m.name == ORIGINAL else f"{delta:+.2f}")
+            cells.append(f"{m.fallbacks} ({m.fallback_missing} missing, {m.fallback_empty} empty)" if m.fallbacks
+                         else "0")
+            lines.append("| " + " | ".join(cells) + " |")
+        notes = []
+        if self.protocol == "cirr":
+            notes.append("R@K over the whole gallery minus the reference image; R_subset@K over the query's image "
+                         "set minus the reference; avg = (R@5 + R_subset@1) / 2.")
+        else:
+            notes.append("mean = mean of R@1, R@5 and R@10.")
+        notes.append("Δ: change of the headline metric against the original queries. fallback: queries a rewrite "
+                     "file lacks or leaves empty, evaluated with the original query.")
+        return title + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+    def similarity_distributions(self) -> list[SimilarityDistribution]:
+        """Per method: similarity to the target, to the best and to the mean non-target (for the inflation report)."""
+        return [from_rank_stats(m.name, m.stats, m.source) for m in self.methods if m.stats is not None]
+
+    def per_query_rows(self) -> list[dict[str, Any]]:
+        """One row per (method, query): rank, similarities, subset rank, whether it fell back."""
+        rows = []
+        for m in self.methods:
+            fallback = set(m.fallback_ids)
+            for i, q in enumerate(self.queries):
+                row: dict[str, Any] = {"method": m.name, "query_id": q.query_id, "query": m.texts[i],
+                                       "fallback": q.query_id in fallback}
+                if m.stats is not None:
+                    row.update(rank=int(m.stats.rank[i]), n=int(m.stats.n[i]),
+                               target_sim=float(m.stats.target_sim[i]), mean_sim=float(m.stats.mean_sim[i]),
+                               best_nontarget_sim=float(m.stats.best_nontarget_sim[i]),
+                               margin=float(m.stats.margin[i]))
+                if m.subset_ranks is not None:
+                    row["subset_rank"] = m.subset_ranks[i]
+                rows.append(row)
+        return rows
+
+
+def method_texts(queries: Sequence[Query], rewrites: RewriteSet | None) -> MethodResult:
+    """The query texts of one method: the rewrite, or the original where it is missing or empty."""
+    if rewrites is None:
+        return MethodResult(ORIGINAL, [q.text for q in queries])
+    result = MethodResult(rewrites.name, [], source=rewrites.source, models=rewrites.models)
+    for q in queries:
+        text = rewrites.rewrites.get(q.query_id)
+        if text is None:
+            result.fallback_missing += 1
+        elif not text.strip():
+            result.fallback_empty += 1
+        else:
+            result.texts.append(text)
+            continue
+        result.fallback_ids.append(q.query_id)
+        result.texts.append(q.text)
+    return result
+
+
+def _subset_scores(queries: torch.Tensor, index: CorpusIndex, subsets: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Each query's similarity to each id of its subset, in subset order."""
+    out = []
+    for q, subset in zip(queries, subsets):
+        emb = index.embeddings[index.rows(subset)].to("cpu", torch.float32)
+        out.append((emb @ q).tolist())
+    return out
+
+
+def evaluate(
+    benchmark: Benchmark,
+    retriever: Retriever,
+    index: CorpusIndex,
+    rewrite_sets: Sequence[RewriteSet] = (),
+    *,
+    batch_size: int = 256,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    limit: int | None = None,
+    submissions: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate the original queries and each rewrite set on ``benchmark`` over ``index``.
+
+    Args:
+        index: the benchmark's corpus embedded by ``retriever`` (see :func:`prepare_index`).
+        rewrite_sets: the rewrites of each method; names must be unique and not ``original``.
+        limit: evaluate only the first ``limit`` queries (a quick look; not comparable with full runs).
+        submissions: CIRR: also rank the top 50 / top 3 ids for the server's submission files
+            (always done on the unlabelled test split).
+    """
+    names = [ORIGINAL] + [r.name for r in rewrite_sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique (and not {ORIGINAL!r}); got {names}")
+    if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
+        raise IndexError_(f"index {index.name} was built by another retriever (fingerprint {index.fingerprint}) "
+                          f"than {retriever.spec!r} ({retriever.fingerprint})")
+    protocol = "cirr" if benchmark.name == "cirr" else "recall"
+    all_queries = list(benchmark.queries())
+    if not all_queries:
+        raise ValueError(f"{benchmark!r} has no queries")
+    all_ids = {q.query_id for q in all_queries}
+    for rs in rewrite_sets:
+        known = sum(1 for qid in rs.rewrites if qid in all_ids)
+        if rs.rewrites and known == 0:
+            raise ValueError(f"rewrite file {rs.source or rs.name} shares no query_id with {benchmark!r} "
+                             f"(e.g. {next(iter(rs.rewrites))!r}); was it made for another benchmark or split?")
+        if known < len(rs.rewrites):
+            logger.warning("%s: %d rewrites are for queries that %r does not have", rs.source or rs.name,
+                           len(rs.rewrites) - known, benchmark)
+    labelled = any(q.target_ids for q in all_queries)
+    if not labelled and protocol != "cirr":
+        raise ValueError(f"{benchmark!r} has no labelled queries: nothing to evaluate")
+    queries = [q for q in all_queries if q.target_ids] if labelled else all_queries
+    skipped = len(all_queries) - len(queries)
+    if skipped:
+        logger.warning("%r: %d queries without a target are skipped", benchmark, skipped)
+    if limit is not None:
+        queries = queries[:limit]
+    if protocol == "cirr":
+        for q in queries:
+            if q.subset_ids is None:
+                raise ValueError(f"CIRR query {q.query_id} has no image set (subset_ids)")
+            if labelled and q.target_ids[0] not in q.subset_ids:
+                raise ValueError(f"CIRR query {q.query_id}: target {q.target_ids[0]!r} is not in its image set "
+                                 f"{list(q.subset_ids)}; Recall_subset is undefined")
+    # Every id the evaluation touches must be in the index (a clear error instead of a wrong number).
+    for q in queries:
+        index.rows([*q.target_ids, *q.excluded_ids, *(q.subset_ids or ())])
+    if benchmark.task == "composed" and not retriever.takes_reference:
+        logger.warning("%s does not fuse the reference image: composed queries are retrieved by their text alone",
+                       retriever.spec)
+
+    references = [q.reference_id for q in queries]
+    targets = [list(q.target_ids) for q in queries]
+    excluded = [list(q.excluded_ids) for q in queries]
+    methods = [method_texts(queries, None)] + [method_texts(queries, rs) for rs in rewrite_sets]
+    for m in methods:
+        emb = encode_queries(retriever, index, m.texts, references, batch_size=batch_size, progress=progress,
+                             desc=f"encode {m.name}")
+        subsets = [list(q.subset_ids or ()) for q in queries] if protocol == "cirr" else []
+        subset_scores = _subset_scores(emb, index, subsets) if subsets else []
+        if labelled:
+            m.stats = index.rank(emb, targets, excluded, chunk_elements=chunk_elements)
+            ranks = m.stats.rank.numpy()
+            if protocol == "cirr":
+                scores = [dict(zip(s, sc)) for s, sc in zip(subsets, subset_scores)]
+                m.subset_ranks = subset_ranks(scores, [t[0] for t in targets], references)
+                full = recall_at_k(ranks, CIRR_RECALL_KS)
+                sub = recall_at_k(m.subset_ranks, CIRR_SUBSET_KS)
+                m.metrics = {k: v for k, v in full.items() if k != "mean"}
+                m.metrics.update({f"R_subset@{k}": sub[f"R@{k}"] for k in CIRR_SUBSET_KS})
+                m.metrics["avg"] = (m.metrics["R@5"] + m.metrics["R_subset@1"]) / 2
+            else:
+                m.metrics = recall_at_k(ranks, RECALL_KS)
+        if protocol == "cirr" and (submissions or not labelled):
+            k = CIRR_SUBMISSION_TOP_K["recall"] + 1  # one more: the reference may be among the top
+            _, top = index.search(emb, k, backend="torch")
+            m.recall_ranked_ids = top
+            m.subset_ranked_ids = [top_k_ids(s, sc, len(s)) for s, sc in zip(subsets, subset_scores)]
+
+    benchmark_info = {"name": benchmark.name, "split": benchmark.split, "root": str(benchmark.root),
+                      "task": benchmark.task, "num_queries": len(all_queries), "num_evaluated": len(queries),
+                      "skipped_no_target": skipped, "limit": limit}
+    index_info = {"path": str(index.path) if index.path else None, "count": len(index), "dim": index.dim,
+                  "fingerprint": index.fingerprint}
+    return EvalReport(benchmark_info, retriever.describe(), index_info, protocol, queries, methods, labelled)
+
+
+def write_eval_outputs(report: EvalReport, out_dir: str | Path, *, per_query: bool = False,
+                       extra_distributions: Sequence[SimilarityDistribution] = (), plot: bool = True) -> dict[str, Any]:
+    """Write an evaluation's files into ``out_dir`` and return their paths.
+
+    ``metrics.json`` and ``metrics.md`` (the table); ``inflation.json``, ``inflation.md`` and
+    ``inflation.png`` (labelled splits, plus ``extra_distributions``, e.g. scored JSONL files);
+    ``per_query.jsonl`` with ``per_query``; CIRR submissions ``submissions/<method>.<split>_recall.json``
+    and ``..._recall_subset.json`` where they were ranked.
+    """
+    from ..corpus.files import atomic_write_bytes, atomic_write_json
+    from .inflation_report import write_inflation_report
+    from .metrics import write_cirr_submissions
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {"metrics_json": str(out / "metrics.json"), "metrics_md": str(out / "metrics.md")}
+    result = report.to_dict()
+    submissions: dict[str, list[str]] = {}
+    for m in report.methods:
+        if m.recall_ranked_ids is None or m.subset_ranked_ids is None:
+            continue
+        pairids = [int(q.query_id) if q.query_id.isdigit() else q.query_id for q in report.queries]
+        prefix = out / "submissions" / f"{safe_name(m.name)}.{report.benchmark['split']}"
+        paths = write_cirr_submissions(prefix, pairids, m.recall_ranked_ids, m.subset_ranked_ids,
+                                       reference_ids=[q.reference_id for q in report.queries])
+        submissions[m.name] = [str(p) for p in paths]
+        result["methods"][m.name]["submissions"] = submissions[m.name]
+    if submissions:
+        files["submissions"] = submissions
+    dists = [*report.similarity_distributions(), *extra_distributions]
+    if dists:
+        title = f"{report.benchmark['name']} {report.benchmark['split']}"
+        inflation = write_inflation_report(dists, out, title=title, plot=plot)
+        files["inflation"] = inflation["files"]
+        result["inflation"] = inflation["summaries"]
+    if per_query:
+        rows = report.per_query_rows()
+        atomic_write_bytes(out / "per_query.jsonl",
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+        files["per_query"] = str(out / "per_query.jsonl")
+    result["files"] = files
+    atomic_write_json(files["metrics_json"], result)
+    atomic_write_bytes(files["metrics_md"], report.to_markdown().encode("utf-8"))
+    return files
