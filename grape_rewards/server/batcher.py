@@ -1,0 +1,271 @@
+"""Micro-batching: many concurrent requests, one device worker, large batches.
+
+Requests append their samples to a bounded FIFO queue and await a future. One dispatcher task on the
+event loop takes queued requests (whole requests, up to ``max_batch_size`` samples) and runs them as one
+:meth:`RewardScorer.score_batch` call on a single device thread; each request gets its own slice back.
+
+This is continuous batching: while the device runs batch k, new requests pile up and become batch k+1.
+When the worker is free it never sits on a lone request: it yields to the event loop once (so requests
+whose bytes have already arrived join) and goes. The one exception: right after a batch, the worker waits
+up to ``max_wait_ms`` for the callers of that batch to come back (closed-loop RL workers send their next
+sample as soon as they get an answer), i.e. until the queue holds as many samples as the last batch plus
+those queued when it ended. Without that, a cohort of returning callers is split in two batches, and small
+batches waste the corpus pass. So a request waits at most the rest of the batch running when it arrived
+plus ``max_wait_ms``; after the worker has been idle for ``max_wait_ms``, a new request goes at once (at
+concurrency 1 there is no wait at all).
+
+A full queue raises :class:`QueueFull` (the app answers 503 with Retry-After) instead of growing. If a
+batch raises, each of its requests is rescored alone, so one bad request cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..rewards.inflation import inflation_summary
+
+if TYPE_CHECKING:
+    from ..scorer import RewardItem, RewardScorer
+    from .metrics import ServiceMetrics
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class QueueFull(RuntimeError):
+    """The queue holds ``max_queue`` samples already; the caller should retry after ``retry_after`` seconds."""
+
+    def __init__(self, queued: int, asked: int, limit: int, retry_after: int = 1) -> None:
+        super().__init__(f"reward queue is full ({queued} samples queued, {asked} more asked, limit {limit}); "
+                         f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class BatcherClosed(RuntimeError):
+    """The service is draining for shutdown and takes no new work."""
+
+
+@dataclass
+class _Request:
+    items: Sequence[RewardItem]
+    future: asyncio.Future
+    enqueued: float
+
+
+class MicroBatcher:
+    """Coalesce concurrent scoring requests into device batches run on one worker thread.
+
+    Args:
+        scorer: the thread-safe scorer; only the worker thread calls it.
+        max_batch_size: most samples per batch (a single larger request still runs, alone).
+        max_wait_ms: longest wait for a batch to fill (see the module docstring: only while more is expected).
+        max_queue: most samples queued at once.
+        metrics: where batch sizes, waits, timings and reward statistics are recorded.
+        retry_after: the Retry-After (seconds) carried by :class:`QueueFull`.
+    """
+
+    def __init__(self, scorer: RewardScorer, max_batch_size: int = 256, max_wait_ms: float = 5.0,
+                 max_queue: int = 8192, metrics: ServiceMetrics | None = None, retry_after: int = 1) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
+        self.scorer = scorer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.retry_after = retry_after
+        self._queue: deque[_Request] = deque()
+        self._queued_items = 0
+        self._expected_items = 1
+        """Samples expected at the next dispatch: the last batch's (its callers return) plus those queued then."""
+        self._last_batch_end = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grape-device")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._fill_target = 0
+        self._filled: asyncio.Future | None = None
+        self._closing = False
+        self.batches = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the dispatcher on the running event loop."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._task = self._loop.create_task(self._dispatch_forever(), name="grape-batcher")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._closing
+
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop taking work, answer everything already queued, then stop the worker thread."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("drain timed out after %s s with %d samples queued; failing them", timeout,
+                               self._queued_items)
+                self._task.cancel()
+                self._fail_all(BatcherClosed("the service stopped before this request was scored"))
+        self._executor.shutdown(wait=True)
+
+    # -- submitting -----------------------------------------------------------------------------------
+    async def submit(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
+        """Score ``items`` in the next batch with room; one result dict per item, in order.
+
+        Raises :class:`QueueFull` when the queue cannot take them, :class:`BatcherClosed` while draining.
+        Validate ids first (``scorer.check_ids``): the batch fallback isolates a bad request, at a cost.
+        """
+        if self._closing or self._task is None:
+            raise BatcherClosed("the reward service is shutting down" if self._closing else
+                                "the batcher is not started")
+        if not items:
+            return []
+        n = len(items)
+        if self._queued_items and self._queued_items + n > self.max_queue:
+            raise QueueFull(self._queued_items, n, self.max_queue, self.retry_after)
+        assert self._loop is not None and self._wakeup is not None
+        future = self._loop.create_future()
+        self._queue.append(_Request(items, future, time.perf_counter()))
+        self._queued_items += n
+        if self.metrics is not None:
+            self.metrics.queue_items.set(self._queued_items)
+        self._wakeup.set()
+        if self._filled is not None and self._queued_items >= self._fill_target and not self._filled.done():
+            self._filled.set_result(None)
+        return await future
+
+    async def run_on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the device thread, in turn with the batches (used by /retrieve)."""
+        if self._closing:
+            raise BatcherClosed("the reward service is shutting down")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    # -- the dispatcher -------------------------------------------------------------------------------
+    async def _dispatch_forever(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._gather()
+            batch = self._take()
+            await self._run(batch)
+
+    async def _gather(self) -> None:
+        """Let already-arrived requests join; linger only while the callers of the last batch are returning."""
+        await asyncio.sleep(0)
+        target = min(self.max_batch_size, self._expected_items)
+        if self._queued_items >= target or self.max_wait_s <= 0 or self._closing:
+            return
+        remaining = self._last_batch_end + self.max_wait_s - time.perf_counter()
+        if remaining <= 0:
+            return  # the worker has been idle longer than max_wait: nobody is known to be on the way
+        assert self._loop is not None
+        self._fill_target = target
+        self._filled = self._loop.create_future()
+        handle = self._loop.call_later(remaining, _resolve, self._filled)
+        try:
+            await self._filled
+        finally:
+            handle.cancel()
+            self._filled = None
+
+    def _take(self) -> list[_Request]:
+        batch = [self._queue.popleft()]
+        size = len(batch[0].items)
+        while self._queue and size + len(self._queue[0].items) <= self.max_batch_size:
+            request = self._queue.popleft()
+            batch.append(request)
+            size += len(request.items)
+        self._queued_items -= size
+        if self.metrics is not None:
+            self.metrics.queue_items.set(self._queued_items)
+        return batch
+
+    async def _run(self, batch: list[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        waits = [start - r.enqueued for r in batch]
+        items = [item for r in batch for item in r.items]
+        self.batches += 1
+        try:
+            scored = await loop.run_in_executor(self._executor, self.scorer.score_batch, items)
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0].future, exc=exc)
+                self._finished(len(items))
+                return
+            logger.warning("a batch of %d requests failed (%s: %s); scoring each request alone", len(batch),
+                           type(exc).__name__, exc)
+            if self.metrics is not None:
+                self.metrics.batch_failures.inc()
+            for request in batch:
+                try:
+                    alone = await loop.run_in_executor(self._executor, self.scorer.score_batch, request.items)
+                except Exception as exc_alone:
+                    _settle(request.future, exc=exc_alone)
+                else:
+                    _settle(request.future, result=alone.samples)
+            self._finished(len(items))
+            return
+        samples = scored.samples
+        pos = 0
+        for request in batch:
+            n = len(request.items)
+            _settle(request.future, result=samples[pos:pos + n])
+            pos += n
+        self._finished(len(items))
+        if self.metrics is not None:
+            timings = dict(scored.timings)
+            timings["batch_s"] = time.perf_counter() - start
+            try:
+                self.metrics.observe_batch(len(batch), samples, waits, timings, inflation_summary(samples))
+            except Exception:  # metrics must never fail a request
+                logger.exception("recording batch metrics failed")
+
+    def _finished(self, num_items: int) -> None:
+        self._last_batch_end = time.perf_counter()
+        self._expected_items = num_items + self._queued_items
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self._queue:
+            _settle(self._queue.popleft().future, exc=exc)
+        self._queued_items = 0
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _settle(future: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Resolve a request's future unless its caller already went away."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,160 @@
+"""Prometheus metrics of the reward service, in a registry of its own (several apps can live in one process).
+
+Names (all prefixed ``grape_``):
+
+- ``requests_total{endpoint,status}``, ``request_seconds{endpoint}``, ``requests_in_progress``
+- ``rejected_total{reason}``: queue_full, not_ready, bad_request, unauthorized, too_large
+- ``batch_items`` / ``batch_requests``: samples and requests per device batch (> 1 means coalescing works)
+- ``queue_wait_seconds``: enqueue to batch start; ``encode_seconds`` / ``score_seconds`` / ``batch_seconds``:
+  the device work of each batch (extract + encode, rank + compose, whole batch)
+- ``queue_items``: samples waiting now
+- ``cache_hits_total{cache}`` / ``cache_misses_total{cache}`` / ``cache_hit_ratio{cache}`` / ``cache_entries{cache}``
+  for the ``embedding`` and ``original_rank`` caches
+- ``samples_total``, ``reward`` (histogram), score inflation per sample: ``target_sim``, ``mean_sim``, ``margin``
+  and ``inflation_gap`` histograms (their ``_sum / _count`` over a window is the step mean),
+  ``recall_hits_total{k}``, ``format_failures_total``, ``truncated_total``, and ``batch_stat{stat}``: the
+  inflation summary of the latest batch
+- ``ready``: 1 when the index is loaded and the service accepts work
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ..scorer import RewardScorer
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENDPOINTS = ("/get_reward", "/v1/rewards", "/retrieve", "/health", "/ready", "/info", "/metrics")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+SIM_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
+REWARD_BUCKETS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.0)
+
+
+class _CacheCollector(Collector):
+    """Reads the scorer's LRU counters at scrape time (no work on the hot path)."""
+
+    def __init__(self) -> None:
+        self.scorer: RewardScorer | None = None
+
+    def collect(self) -> Iterable[Any]:
+        hits = CounterMetricFamily("grape_cache_hits", "Cache hits", labels=["cache"])
+        misses = CounterMetricFamily("grape_cache_misses", "Cache misses", labels=["cache"])
+        ratio = GaugeMetricFamily("grape_cache_hit_ratio", "Cache hits / lookups since start", labels=["cache"])
+        entries = GaugeMetricFamily("grape_cache_entries", "Entries held", labels=["cache"])
+        if self.scorer is not None:
+            for name, cache in (("embedding", self.scorer.embedding_cache),
+                                ("original_rank", self.scorer.original_rank_cache)):
+                h, m = cache.hits, cache.misses
+                hits.add_metric([name], h)
+                misses.add_metric([name], m)
+                ratio.add_metric([name], h / (h + m) if h + m else 0.0)
+                entries.add_metric([name], len(cache))
+        yield from (hits, misses, ratio, entries)
+
+
+class ServiceMetrics:
+    """Every metric of one app, in its own :class:`prometheus_client.CollectorRegistry`."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("grape_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("grape_request_seconds", "HTTP request latency", ["endpoint"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.in_progress = Gauge("grape_requests_in_progress", "HTTP requests being handled", registry=r)
+        self.rejected = Counter("grape_rejected", "Requests refused before scoring", ["reason"], registry=r)
+        self.batch_items = Histogram("grape_batch_items", "Samples per device batch", buckets=SIZE_BUCKETS,
+                                     registry=r)
+        self.batch_requests = Histogram("grape_batch_requests", "Requests coalesced into one device batch",
+                                        buckets=SIZE_BUCKETS, registry=r)
+        self.queue_wait = Histogram("grape_queue_wait_seconds", "Time from enqueue to the start of its batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.encode_seconds = Histogram("grape_encode_seconds", "Extraction + query encoding time per batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.score_seconds = Histogram("grape_score_seconds", "Rank + reward composition time per batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("grape_batch_seconds", "Device time per batch", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self.batch_failures = Counter("grape_batch_failures", "Batches that raised and were retried per request",
+                                      registry=r)
+        self.queue_items = Gauge("grape_queue_items", "Samples waiting for the device worker", registry=r)
+        self.samples = Counter("grape_samples", "Samples scored", registry=r)
+        self.reward = Histogram("grape_reward", "Reward per sample", buckets=REWARD_BUCKETS, registry=r)
+        self.target_sim = Histogram("grape_target_sim", "Similarity of the rewrite to its best target",
+                                    buckets=SIM_BUCKETS, registry=r)
+        self.mean_sim = Histogram("grape_mean_sim", "Mean similarity of the rewrite to the corpus",
+                                  buckets=SIM_BUCKETS, registry=r)
+        self.margin = Histogram("grape_margin", "Target similarity minus best non-target similarity",
+                                buckets=SIM_BUCKETS, registry=r)
+        self.inflation_gap = Histogram("grape_inflation_gap", "Target similarity minus mean corpus similarity",
+                                       buckets=SIM_BUCKETS, registry=r)
+        self.recall_hits = Counter("grape_recall_hits", "Samples whose target ranks within k", ["k"], registry=r)
+        self.format_failures = Counter("grape_format_failures", "Samples with an empty or missing rewrite",
+                                       registry=r)
+        self.truncated = Counter("grape_truncated", "Rewrites cut to the retriever's context length", registry=r)
+        self.batch_stat = Gauge("grape_batch_stat", "Score-inflation summary of the latest batch", ["stat"],
+                                registry=r)
+        self.ready = Gauge("grape_ready", "1 when the service accepts work", registry=r)
+        self.info = Info("grape_service", "Retriever, index and version served", registry=r)
+        self._caches = _CacheCollector()
+        r.register(self._caches)
+        self._recall_children = {k: self.recall_hits.labels(k=str(k)) for k in (1, 5, 10)}
+        self._request_children: dict[tuple[str, int], Any] = {}
+        self._latency_children = {e: self.request_seconds.labels(endpoint=e) for e in (*ENDPOINTS, "other")}
+
+    def attach(self, scorer: RewardScorer, info: dict[str, str]) -> None:
+        """Start reporting ``scorer``'s caches and describe what is served."""
+        self._caches.scorer = scorer
+        self.info.info(info)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = (endpoint, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(endpoint=endpoint, status=str(status))
+        child.inc()
+        self._latency_children[endpoint].observe(seconds)
+
+    def observe_batch(self, num_requests: int, samples: Sequence[dict[str, float]], waits: Sequence[float],
+                      timings: dict[str, float], summary: dict[str, float]) -> None:
+        """Record one device batch: its size, waits, timings and the statistics of its samples."""
+        self.batch_items.observe(len(samples))
+        self.batch_requests.observe(num_requests)
+        for w in waits:
+            self.queue_wait.observe(w)
+        self.encode_seconds.observe(timings.get("encode_s", 0.0))
+        self.score_seconds.observe(timings.get("rank_s", 0.0))
+        self.batch_seconds.observe(timings.get("batch_s", timings.get("total_s", 0.0)))
+        self.samples.inc(len(samples))
+        failures = truncated = 0
+        hits = dict.fromkeys(self._recall_children, 0)
+        for s in samples:
+            self.reward.observe(s["reward"])
+            if s["format_ok"] == 0.0 and s["num_tokens"] == 0.0:
+                failures += 1
+                continue  # no rewrite: its similarities are placeholders
+            self.target_sim.observe(s["target_sim"])
+            self.mean_sim.observe(s["mean_sim"])
+            self.margin.observe(s["margin"])
+            self.inflation_gap.observe(s["target_sim"] - s["mean_sim"])
+            truncated += s["truncated"] == 1.0
+            for k in hits:
+                hits[k] += s[f"recall_at_{k}"] == 1.0
+        for k, n in hits.items():
+            if n:
+                self._recall_children[k].inc(n)
+        if failures:
+            self.format_failures.inc(failures)
+        if truncated:
+            self.truncated.inc(truncated)
+        for stat, value in summary.items():
+            self.batch_stat.labels(stat=stat).set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

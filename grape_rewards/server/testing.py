@@ -1,0 +1,77 @@
+"""Run the service in a background thread on a free loopback port (tests, benchmarks, notebooks).
+
+    with ServerThread(create_app(scorer)) as server:
+        httpx.post(server.url + "/get_reward", json=...)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServerThread:
+    """A real uvicorn server for ``app`` in a daemon thread; :meth:`stop` drains it like SIGTERM does.
+
+    Args:
+        app: the ASGI app (usually :func:`grape_rewards.server.create_app`).
+        port: the port to bind (default: a free one); reuse a stopped server's port to restart "in place".
+        startup_timeout: seconds to wait for the lifespan startup (loading, warm-up).
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, startup_timeout: float = 120.0,
+                 log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.app = app
+        self.host = host
+        self.port = port or free_port(host)
+        self.startup_timeout = startup_timeout
+        config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=30)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the server on port {self.port} failed to start (see the log above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the server on port {self.port} did not start in {self.startup_timeout} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Turn /ready false, answer what was accepted, stop the batcher, and join the thread."""
+        service = getattr(getattr(self.app, "state", None), "service", None)
+        if service is not None:
+            service.begin_drain()
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"the server on port {self.port} did not stop in {timeout} s")
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.thread.is_alive():
+            self.stop()

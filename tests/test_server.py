@@ -1,0 +1,514 @@
+"""The reward service end to end: real uvicorn on a free loopback port, the real MiniLM retriever.
+
+Covers the OpenRLHF protocol (chat-templated and VLM-expanded queries), 500 concurrent single-sample
+requests against the in-process scorer, a table of bad inputs followed by a healthy /ready, token auth,
+the refusal to bind a public address without a token, config precedence, the micro-batcher's queue bound
+and fault isolation, and a SIGTERM drain of a ``grape-rewards serve`` subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from grape_rewards.cli import main as cli_main
+from grape_rewards.corpus import CorpusIndex, build_index, read_source
+from grape_rewards.demo import data_path
+from grape_rewards.retrievers import TextEmbedder
+from grape_rewards.rewards import RewardConfig
+from grape_rewards.scorer import RewardItem, RewardScorer, ScoredBatch
+from grape_rewards.server import ServeConfig, create_app, load_config
+from grape_rewards.server.batcher import MicroBatcher, QueueFull
+from grape_rewards.server.config import ConfigError
+from grape_rewards.server.testing import ServerThread, free_port
+
+QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+               "Rewrite for image search: 一只棕色的狗在公园里接飞盘<|im_end|>\n<|im_start|>assistant\n")
+LLAMA_PROMPT = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nRewrite: a dog thing<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+VLM_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Change the dog to a black one."
+              "<|im_end|>\n<|im_start|>assistant\n")
+VLM_EXPANDED = VLM_PROMPT.replace("<|image_pad|>", "<|image_pad|>" * 256)  # what OpenRLHF decodes
+LIMITS = {"max_body_bytes": 200_000, "max_items_per_request": 64, "max_topk": 50}
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def index_dir(minilm: TextEmbedder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 100 demo captions embedded by MiniLM."""
+    out = tmp_path_factory.mktemp("server_index") / "captions"
+    build_index(read_source(data_path("captions.jsonl")), minilm, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorer(minilm: TextEmbedder, index_dir: Path) -> RewardScorer:
+    index = CorpusIndex.load(index_dir, expected_fingerprint=minilm.fingerprint)
+    return RewardScorer(minilm, index, RewardConfig())
+
+
+@pytest.fixture(scope="module")
+def reference(minilm: TextEmbedder, index_dir: Path) -> RewardScorer:
+    """An independent in-process scorer (its own cache) to compare the service against."""
+    return RewardScorer(minilm, CorpusIndex.load(index_dir), RewardConfig())
+
+
+@pytest.fixture(scope="module")
+def server(scorer: RewardScorer, index_dir: Path) -> Iterator[ServerThread]:
+    config = ServeConfig(index=str(index_dir), **LIMITS)
+    with ServerThread(create_app(scorer, config)) as running:
+        yield running
+
+
+@pytest.fixture()
+def http(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def expected_rewards(reference: RewardScorer, completions: list[str], labels: list[dict[str, Any]]) -> list[dict]:
+    items = [RewardItem(completion=c, **label) for c, label in zip(completions, labels)]
+    return reference.score(items)
+
+
+# -- the OpenRLHF protocol ------------------------------------------------------------------------------------
+def test_openrlhf_request_answered_exactly(http: httpx.Client, reference: RewardScorer) -> None:
+    responses = [
+        "<think>Chinese query about a dog and a frisbee.</think><answer>A brown dog catches a frisbee in a sunny "
+        "park.</answer><|im_end|><|endoftext|>",
+        "A dog catching a frisbee on the beach.<|eot_id|>",
+        "<answer>A black dog catches a frisbee on a sandy beach.</answer><|im_end|>",
+        "<answer>A brown dog chases a red ball across a sunny park.</answer><|im_end|>",
+        "",  # empty: the format penalty, not an error
+        "<think>still thinking, never answered",  # unparsable: the format penalty
+    ]
+    prompts = [QWEN_PROMPT, LLAMA_PROMPT, VLM_PROMPT, QWEN_PROMPT, QWEN_PROMPT, QWEN_PROMPT]
+    queries = [p + r for p, r in zip(prompts, responses)]
+    queries[2] = VLM_EXPANDED + responses[2]  # the prompt is no longer a prefix: split on the assistant header
+    labels_raw: list[Any] = [
+        json.dumps({"target_ids": ["cap000"], "query_id": "q1"}),  # a JSON string, as datasets store it
+        "cap001",  # a bare id
+        {"target_ids": ["cap001"], "reference_id": "cap000"},  # CIRR-style: the reference is excluded
+        ["cap002", "cap003"],  # a list of targets
+        {"target_ids": ["cap000"]},
+        {"target_ids": ["cap000"]},
+    ]
+    labels = [{"target_ids": ["cap000"]}, {"target_ids": ["cap001"]},
+              {"target_ids": ["cap001"], "reference_id": "cap000"}, {"target_ids": ["cap002", "cap003"]},
+              {"target_ids": ["cap000"]}, {"target_ids": ["cap000"]}]
+    r = http.post("/get_reward", json={"query": queries, "prompts": prompts, "labels": labels_raw})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"rewards", "scores", "extra_logs"}
+    n = len(queries)
+    assert len(body["rewards"]) == n and len(body["scores"]) == n
+    assert all(isinstance(x, float) for x in body["rewards"] + body["scores"])
+    assert all(0.0 <= s <= 1.0 for s in body["scores"])
+    expected = expected_rewards(reference, responses, labels)
+    assert body["rewards"] == pytest.approx([e["reward"] for e in expected], abs=1e-5)
+    logs = body["extra_logs"]
+    for key in ("rank", "recall_at_1", "recall_at_5", "recall_at_10", "target_sim", "mean_sim", "margin",
+                "format_ok", "truncated", "inflation_gap"):
+        assert len(logs[key]) == n and all(isinstance(v, float) for v in logs[key]), key
+    assert logs["rank"] == [e["rank"] for e in expected]
+    assert body["rewards"][0] == 1.0 and logs["rank"][0] == 1.0  # the caption itself ranks first
+    assert body["rewards"][4] == body["rewards"][5] == -1.0 and body["scores"][4] == 0.0  # format penalty
+    assert logs["format_ok"][4] == 0.0
+    # Score inflation in view: similarity to the target vs to the corpus.
+    assert logs["inflation_gap"][0] == pytest.approx(logs["target_sim"][0] - logs["mean_sim"][0])
+    assert logs["target_sim"][0] > logs["mean_sim"][0]
+
+
+def test_openrlhf_without_prompts_and_empty(http: httpx.Client, reference: RewardScorer) -> None:
+    response = "<answer>A brown dog catches a frisbee in a sunny park.</answer><|im_end|>"
+    r = http.post("/get_reward", json={"query": [QWEN_PROMPT + response], "labels": ["cap000"]})
+    assert r.status_code == 200 and r.json()["rewards"] == [1.0]
+    r = http.post("/get_reward", json={"query": [], "prompts": [], "labels": []})
+    assert r.status_code == 200 and r.json() == {"rewards": [], "scores": [], "extra_logs": {
+        k: [] for k in r.json()["extra_logs"]}}
+
+
+def test_overlong_rewrites_truncated_and_flagged(http: httpx.Client, reference: RewardScorer) -> None:
+    long_text = " ".join(["a brown dog catches a frisbee in a sunny park"] * 60)  # ~600 tokens > 256
+    giant = "dog " * 30_000  # 120k chars: cut before tokenizing, same embedding
+    responses = [f"<answer>{long_text}</answer>", f"<answer>{giant}</answer><|im_end|>"]
+    r = http.post("/get_reward", json={"query": [QWEN_PROMPT + x for x in responses],
+                                       "prompts": [QWEN_PROMPT] * 2, "labels": ["cap000", "cap000"]})
+    assert r.status_code == 200, r.text
+    logs = r.json()["extra_logs"]
+    assert logs["truncated"] == [1.0, 1.0]
+    assert logs["format_ok"][1] == 0.0  # overlong (past the format's max_chars), still scored
+    expected = expected_rewards(reference, responses, [{"target_ids": ["cap000"]}] * 2)
+    assert r.json()["rewards"] == pytest.approx([e["reward"] for e in expected], abs=1e-5)
+    assert logs["rank"] == [e["rank"] for e in expected]
+
+
+def test_native_rewards_and_retrieve(http: httpx.Client, reference: RewardScorer) -> None:
+    items = [{"rewrite": "A brown dog catches a frisbee in a sunny park.", "target_ids": ["cap000"],
+              "query_id": "q1", "original_query": "狗 飞盘"},
+             {"completion": "<answer>a dog on a beach</answer>", "target_ids": ["cap001"], "excluded_ids": ["cap000"]}]
+    r = http.post("/v1/rewards", json={"items": items})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = reference.score([RewardItem(**i) for i in items])
+    assert [x["reward"] for x in body["results"]] == pytest.approx([e["reward"] for e in expected], abs=1e-5)
+    assert body["keys"] == list(reference.keys) and set(body["results"][0]) == set(reference.keys)
+    assert body["summary"]["count"] == 2.0 and "inflation_gap" in body["summary"]
+    r = http.post("/retrieve", json={"queries": ["a dog catching a frisbee in a park", "wine at dinner"],
+                                     "topk": 3, "return_scores": True})
+    assert r.status_code == 200, r.text
+    result = r.json()["result"]
+    assert len(result) == 2 and all(len(row) == 3 for row in result)
+    assert result[0][0]["document"]["id"] == "cap000" and isinstance(result[0][0]["score"], float)
+    assert result[0][0]["score"] >= result[0][1]["score"] >= result[0][2]["score"]
+    r = http.post("/retrieve", json={"queries": ["a dog"], "topk": 2, "return_scores": False})
+    assert r.status_code == 200 and set(r.json()["result"][0][0]) == {"id"}
+
+
+def test_health_ready_info_metrics(http: httpx.Client, scorer: RewardScorer) -> None:
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ready").json() == {"ready": True}
+    info = http.get("/info").json()
+    assert info["retriever"]["fingerprint"] == scorer.retriever.fingerprint
+    assert info["index"]["corpus_size"] == 100 and info["index"]["fingerprint"] == scorer.retriever.fingerprint
+    assert info["reward_config"]["shape"] == "log" and info["version"]
+    assert "token" not in info["server"] and info["server"]["auth"] is False
+    text = http.get("/metrics").text
+    for name in ("grape_requests_total", "grape_request_seconds_bucket", "grape_batch_items_bucket",
+                 "grape_queue_wait_seconds_bucket", "grape_encode_seconds_bucket", "grape_score_seconds_bucket",
+                 "grape_cache_hit_ratio", "grape_target_sim_bucket", "grape_mean_sim_bucket", "grape_reward_bucket",
+                 'grape_batch_stat{stat="inflation_gap"}', "grape_ready 1.0"):
+        assert name in text, name
+
+
+# -- concurrency ------------------------------------------------------------------------------------------------
+def _metric(text: str, name: str, default: float | None = None) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    if match is None and default is not None:
+        return default
+    assert match, name
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_500_concurrent_single_sample_requests(server: ServerThread, reference: RewardScorer) -> None:
+    captions = [json.loads(line) for line in data_path("captions.jsonl").read_text().splitlines()]
+    n = 500
+    samples = []
+    for i in range(n):
+        cap = captions[i % len(captions)]
+        rewrite = f"{cap['text'].rstrip('.')} (take {i // len(captions)})" if i >= len(captions) else cap["text"]
+        target = captions[(i * 7) % len(captions)]["id"]  # mostly not the rewrite's own caption: varied ranks
+        samples.append((rewrite, target))
+    before = httpx.get(server.url + "/metrics").text
+
+    async def fire() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/get_reward", json={
+                "query": [QWEN_PROMPT + f"<answer>{rw}</answer><|im_end|>"], "prompts": [QWEN_PROMPT],
+                "labels": [json.dumps({"target_ids": [t]})]}) for rw, t in samples))
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * n
+    got = [r.json()["rewards"][0] for r in responses]
+    ranks = [r.json()["extra_logs"]["rank"][0] for r in responses]
+    expected = reference.score([RewardItem(rewrite=rw, target_ids=[t]) for rw, t in samples])
+    assert got == pytest.approx([e["reward"] for e in expected], abs=1e-5)
+    assert ranks == [e["rank"] for e in expected]
+    after = httpx.get(server.url + "/metrics").text
+    batches = _metric(after, "grape_batch_items_count") - _metric(before, "grape_batch_items_count")
+    items = _metric(after, "grape_batch_items_sum") - _metric(before, "grape_batch_items_sum")
+    singles = (_metric(after, 'grape_batch_items_bucket{le="1.0"}')
+               - _metric(before, 'grape_batch_items_bucket{le="1.0"}'))
+    assert items == n
+    assert batches < n and singles < batches, f"{batches} batches for {n} requests, {singles} of size 1"
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+_GOOD_Q = QWEN_PROMPT + "<answer>a dog</answer>"
+BAD_INPUTS: list[tuple[str, str, Any, int, str]] = [
+    # (name, path, body: bytes or JSON-able, status, message fragment)
+    ("malformed JSON", "/get_reward", b'{"query": [', 400, "not valid JSON"),
+    ("empty body", "/get_reward", b"", 400, "request body is empty"),
+    ("not an object", "/get_reward", ["a"], 422, "expected a JSON object"),
+    ("missing query", "/get_reward", {"prompts": [""], "labels": ["cap000"]}, 422, "missing field 'query'"),
+    ("missing labels", "/get_reward", {"query": [_GOOD_Q]}, 422, "missing field 'labels'"),
+    ("query not a list", "/get_reward", {"query": _GOOD_Q, "labels": ["cap000"]}, 422, "'query' must be a list"),
+    ("query item not a string", "/get_reward", {"query": [3], "labels": ["cap000"]}, 422,
+     "query[0] must be a string"),
+    ("prompt not a string", "/get_reward", {"query": [_GOOD_Q], "prompts": [5], "labels": ["cap000"]}, 422,
+     "prompts[0] must be a string"),
+    ("fewer labels than queries", "/get_reward", {"query": [_GOOD_Q, _GOOD_Q], "labels": ["cap000"]}, 422,
+     "got 2 queries but 1 labels"),
+    ("more prompts than queries", "/get_reward", {"query": [_GOOD_Q], "prompts": ["", ""], "labels": ["cap000"]},
+     422, "got 1 queries but 2 prompts"),
+    ("label is broken JSON", "/get_reward", {"query": [_GOOD_Q], "labels": ['{"target_ids": [']}, 422,
+     "labels[0]: label is not valid JSON"),
+    ("label without targets", "/get_reward", {"query": [_GOOD_Q], "labels": [{"reference_id": "cap001"}]}, 422,
+     "labels[0]: bad label (target_ids: Field required)"),
+    ("label with no target", "/get_reward", {"query": [_GOOD_Q], "labels": [{"target_ids": []}]}, 422,
+     "labels[0]: bad label (target_ids"),
+    ("empty label", "/get_reward", {"query": [_GOOD_Q], "labels": [""]}, 422, "labels[0]: empty label"),
+    ("unknown target id", "/get_reward", {"query": [_GOOD_Q, _GOOD_Q], "labels": ["cap000", "img_404"]}, 422,
+     "labels[1]: unknown corpus id 'img_404'"),
+    ("unknown reference id", "/get_reward",
+     {"query": [_GOOD_Q], "labels": [{"target_ids": ["cap000"], "reference_id": "ref_404"}]}, 422,
+     "unknown corpus id 'ref_404'"),
+    ("oversize batch", "/get_reward", {"query": [_GOOD_Q] * 65, "labels": ["cap000"] * 65}, 413,
+     "too many samples in one request: 65 > max_items_per_request=64"),
+    ("oversize body", "/get_reward", {"query": ["x" * 250_000], "labels": ["cap000"]}, 413,
+     "request body too large"),
+    ("native: no items", "/v1/rewards", {"rewrite": "a dog"}, 422, "missing field 'items'"),
+    ("native: no targets", "/v1/rewards", {"items": [{"rewrite": "a dog"}]}, 422,
+     "items[0].target_ids: Field required"),
+    ("native: unknown field", "/v1/rewards", {"items": [{"rewrite": "a", "target_ids": ["cap000"], "tag": 1}]},
+     422, "items[0].tag: Extra inputs are not permitted"),
+    ("native: no text", "/v1/rewards", {"items": [{"target_ids": ["cap000"]}]}, 422,
+     "items[0]: give 'completion'"),
+    ("native: wrong type", "/v1/rewards", {"items": [{"rewrite": 5, "target_ids": ["cap000"]}]}, 422,
+     "items[0].rewrite: Input should be a valid string"),
+    ("native: unknown id", "/v1/rewards", {"items": [{"rewrite": "a", "target_ids": ["cap000"],
+                                                      "excluded_ids": ["gone"]}]}, 422, "unknown corpus id 'gone'"),
+    ("retrieve: bad topk", "/retrieve", {"queries": ["a dog"], "topk": 0}, 422, "'topk' must be a positive integer"),
+    ("retrieve: topk too large", "/retrieve", {"queries": ["a dog"], "topk": 51}, 422, "above max_topk=50"),
+    ("retrieve: queries not a list", "/retrieve", {"queries": "a dog"}, 422, "'queries' must be a list"),
+    ("retrieve: bad flag", "/retrieve", {"queries": ["a"], "return_scores": "yes"}, 422, "'return_scores' must be"),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "body", "status", "message"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_4xx_naming_the_problem(http: httpx.Client, name: str, path: str, body: Any, status: int,
+                                               message: str) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(path, content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"], r.json()["detail"]
+
+
+def test_wrong_method_and_path(http: httpx.Client) -> None:
+    assert http.get("/get_reward").status_code == 405
+    assert http.post("/nope", json={}).status_code == 404
+
+
+def test_healthy_after_bad_inputs(http: httpx.Client) -> None:
+    """Runs after the table above: the service is still ready and still scores."""
+    assert http.get("/ready").status_code == 200
+    r = http.post("/get_reward", json={"query": [_GOOD_Q], "prompts": [QWEN_PROMPT], "labels": ["cap000"]})
+    assert r.status_code == 200 and len(r.json()["rewards"]) == 1
+
+
+def test_queue_full_is_503_with_retry_after(server: ServerThread, http: httpx.Client,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher = server.app.state.service.batcher
+
+    async def full(items: Any) -> Any:
+        raise QueueFull(8192, len(items), 8192, retry_after=3)
+
+    monkeypatch.setattr(batcher, "submit", full)
+    r = http.post("/get_reward", json={"query": [_GOOD_Q], "labels": ["cap000"]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "3" and "queue is full" in r.json()["detail"]
+
+
+# -- auth and binding ---------------------------------------------------------------------------------------------
+def test_token_auth(scorer: RewardScorer, index_dir: Path) -> None:
+    app = create_app(scorer, ServeConfig(index=str(index_dir), token="s3cret-token"))
+    body = {"query": [_GOOD_Q], "labels": ["cap000"]}
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        assert http.get("/health").status_code == 200 and http.get("/ready").status_code == 200  # probes stay open
+        r = http.post("/get_reward", json=body)
+        assert r.status_code == 401 and "missing bearer token" in r.json()["detail"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        r = http.post("/get_reward", json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["detail"] == "invalid bearer token"
+        assert http.get("/metrics").status_code == 401 and http.get("/info").status_code == 401
+        ok = {"Authorization": "Bearer s3cret-token"}
+        assert http.post("/get_reward", json=body, headers=ok).status_code == 200
+        assert "s3cret" not in http.get("/info", headers=ok).text
+
+
+def test_refuses_public_bind_without_token(index_dir: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRAPE_TOKEN", raising=False)
+    monkeypatch.delenv("GRAPE_INSECURE", raising=False)
+    assert cli_main(["serve", "--index", str(index_dir), "--host", "0.0.0.0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to bind 0.0.0.0" in err and "GRAPE_TOKEN" in err and "--insecure" in err
+    with pytest.raises(ConfigError, match="refusing to bind"):
+        ServeConfig(index="i", host="10.1.2.3").check_bind()
+    ServeConfig(index="i", host="0.0.0.0", token="t").check_bind()
+    ServeConfig(index="i", host="0.0.0.0", insecure=True).check_bind()
+    ServeConfig(index="i", host="::1").check_bind()
+
+
+def test_config_precedence(tmp_path: Path) -> None:
+    (tmp_path / "reward.yaml").write_text("shape: linear\n")
+    config_file = tmp_path / "serve.yaml"
+    config_file.write_text("index: /data/idx\nport: 9001\nmax_batch_size: 32\nmax_wait_ms: 2\n"
+                           "reward_config: reward.yaml\n")
+    env = {"GRAPE_PORT": "9002", "GRAPE_MAX_BATCH_SIZE": "64", "GRAPE_TOKEN": "from-env"}
+    config = load_config(config_file, {"port": 9003, "cache_size": None}, environ=env)
+    assert (config.index, config.port, config.max_batch_size, config.max_wait_ms) == ("/data/idx", 9003, 64, 2.0)
+    assert config.token == "from-env" and "from-env" not in repr(config)
+    assert config.load_reward_config().shape == "linear"  # relative to the YAML's folder
+    assert load_config(config_file, environ={}).port == 9001
+    with pytest.raises(ConfigError, match=r"max_batch_size: .*from env GRAPE_MAX_BATCH_SIZE"):
+        load_config(config_file, environ={"GRAPE_MAX_BATCH_SIZE": "0"})
+    with pytest.raises(ConfigError, match="no index folder given"):
+        load_config(None, environ={})
+    with pytest.raises(ConfigError, match="batch: unknown setting"):
+        load_config(_write(tmp_path / "bad.yaml", "index: i\nbatch: 3\n"), environ={})
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# -- the micro-batcher alone --------------------------------------------------------------------------------------
+class _GatedScorer:
+    """A stand-in scorer: blocks until released, fails any batch holding a 'poison' item."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.batches: list[int] = []
+
+    def score_batch(self, items: list[Any]) -> ScoredBatch:
+        self.gate.wait(10)
+        if any(i == "poison" for i in items):
+            raise ValueError("poisoned item")
+        self.batches.append(len(items))
+        return ScoredBatch([{"reward": float(i)} for i in items], {})
+
+
+def test_batcher_bounds_queue_isolates_failures_and_does_not_wait_alone() -> None:
+    async def scenario() -> None:
+        fake = _GatedScorer()
+        batcher = MicroBatcher(fake, max_batch_size=8, max_wait_ms=300, max_queue=4)  # type: ignore[arg-type]
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1, 2]))
+        await asyncio.sleep(0.05)  # the first batch is on the device, blocked
+        queued = [asyncio.ensure_future(batcher.submit([3, 4])), asyncio.ensure_future(batcher.submit(["poison"]))]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="queue is full"):
+            await batcher.submit([5, 6])
+        fake.gate.set()
+        assert await first == [{"reward": 1.0}, {"reward": 2.0}]
+        assert await queued[0] == [{"reward": 3.0}, {"reward": 4.0}]  # its batch failed; rescored alone
+        with pytest.raises(ValueError, match="poisoned"):
+            await queued[1]
+        # A lone request is not held back for max_wait_ms (300 ms here): no fixed wait when nothing is queued.
+        await asyncio.sleep(0.35)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            assert await batcher.submit([7]) == [{"reward": 7.0}]
+            assert time.perf_counter() - t0 < 0.15
+        await batcher.close(timeout=5)
+        assert fake.batches[0] == 2
+
+    asyncio.run(scenario())
+
+
+def test_batcher_coalesces_concurrent_requests() -> None:
+    async def scenario() -> None:
+        fake = _GatedScorer()
+        batcher = MicroBatcher(fake, max_batch_size=64, max_wait_ms=5, max_queue=1000)  # type: ignore[arg-type]
+        batcher.start()
+        blocker = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(batcher.submit([i])) for i in range(1, 101)]
+        await asyncio.sleep(0.05)
+        fake.gate.set()
+        results = await asyncio.gather(blocker, *rest)
+        assert [r[0]["reward"] for r in results] == [float(i) for i in range(101)]
+        assert fake.batches == [1, 64, 36]  # everything that queued behind the first batch, in two full batches
+        await batcher.close(timeout=5)
+
+    asyncio.run(scenario())
+
+
+# -- draining -----------------------------------------------------------------------------------------------------
+def test_ready_turns_false_first_while_accepted_requests_finish(scorer: RewardScorer, index_dir: Path) -> None:
+    app = create_app(scorer, ServeConfig(index=str(index_dir)))
+    items = [{"rewrite": f"a dog number {i} in a park", "target_ids": ["cap000"]} for i in range(48)]
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as http:
+        result: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: result.update(r=httpx.post(srv.url + "/v1/rewards",
+                                                                             json={"items": items}, timeout=60)))
+        worker.start()
+        time.sleep(0.05)
+        app.state.service.begin_drain()
+        r = http.get("/ready")
+        assert r.status_code == 503 and "draining" in r.json()["reason"] and r.headers["retry-after"] == "1"
+        assert http.get("/health").status_code == 200
+        worker.join(60)
+        assert result["r"].status_code == 200 and len(result["r"].json()["results"]) == 48
+
+
+@pytest.mark.slow
+def test_sigterm_drains_accepted_requests(index_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    env = {**os.environ, "GRAPE_LOG_LEVEL": "info"}
+    proc = subprocess.Popen([sys.executable, "-m", "grape_rewards.cli", "serve", "--index", str(index_dir),
+                             "--port", str(port), "--device", "cpu", "--max-batch-size", "32"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, Path(log.name).read_text()
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in 120 s"
+            time.sleep(0.1)
+        n_requests, n_items = 16, 24
+        in_flight: list[float] = []
+
+        async def fire() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+                tasks = [asyncio.ensure_future(client.post("/v1/rewards", json={"items": [
+                    {"rewrite": f"request {r} item {i}: a dog chasing a ball", "target_ids": ["cap002"]}
+                    for i in range(n_items)]})) for r in range(n_requests)]
+                # SIGTERM once every request is accepted (answered or in progress), while some are still queued.
+                while True:
+                    metrics = (await client.get("/metrics")).text
+                    in_progress = _metric(metrics, "grape_requests_in_progress") - 1  # minus this scrape
+                    answered = _metric(metrics, 'grape_requests_total{endpoint="/v1/rewards",status="200"}',
+                                       default=0.0)
+                    if in_progress + answered >= n_requests:
+                        break
+                    await asyncio.sleep(0.01)
+                in_flight.append(in_progress)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(fire())
+        assert in_flight[0] >= 2, "the requests finished before SIGTERM: nothing was left to drain"
+        assert [r.status_code for r in responses] == [200] * n_requests
+        assert all(len(r.json()["results"]) == n_items for r in responses)
+        proc.wait(60)
+        assert proc.returncode in (0, -signal.SIGTERM)
+        text = Path(log.name).read_text()
+        assert "draining: /ready is now false" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
