@@ -107,7 +107,8 @@ def test_dry_run_starts_and_stops_the_service(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert f"reward service ready: http://127.0.0.1:{port}/ready" in out.stderr
     assert out.stdout.startswith("python -m openrlhf.cli.train_ppo_ray") and "stopping the reward service" in out.stderr
-    with socket.socket() as s:  # the service is gone: its port is free again
+    with socket.socket() as s:  # the service is gone: nothing listens on its port (TIME_WAIT is allowed)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
 
 
