@@ -162,23 +162,24 @@ def burst_throughput(times: Sequence[float], window_s: float) -> float:
     """Answers per second from completion times, free of the quantisation that batched answers cause.
 
     A device batch answers its requests together, so a window holds a whole number of batches and a plain
-    count/window is off by up to one batch. Here completions are grouped into bursts (split where the gap
-    exceeds a quarter of the largest gap), and the rate is the answers after the first burst divided by the
-    time from the first burst to the last. Unbatched answers are bursts of one: (n - 1) / (t_n - t_1).
+    count/window is off by up to one batch. Here completions are cut into bursts (where the gap exceeds a
+    quarter of the largest gap), and the rate is the answers from the first burst's start up to the last
+    burst's start, over that time: whole batch cycles. For unbatched answers, whatever the cut, the count and
+    the time span end at the same completion, so the rate is unbiased.
 
-    >>> round(burst_throughput([0.0, 0.001, 1.0, 1.001, 2.0, 2.001], 2.5), 3)  # 2 per second
+    >>> round(burst_throughput([0.0, 0.001, 1.0, 1.001, 2.0, 2.001], 2.5), 3)  # 2 answers per second
     2.0
+    >>> round(burst_throughput([0.0, 0.1, 0.2, 0.3, 1.3, 1.4, 1.5], 2.0), 3)  # a stall: 4 answers in 1.3 s
+    3.077
     """
     ts = sorted(times)
     if len(ts) < 3:
         return len(ts) / window_s
     gaps = [b - a for a, b in itertools.pairwise(ts)]
     split = 0.25 * max(gaps)
-    starts = [0] + [i + 1 for i, g in enumerate(gaps) if g > split]
-    if len(starts) < 3:
-        return len(ts) / window_s
-    span = ts[starts[-1]] - ts[starts[0]]
-    return (len(ts) - starts[1]) / span if span > 0 else len(ts) / window_s
+    last_start = max(i + 1 for i, g in enumerate(gaps) if g > split)
+    span = ts[last_start] - ts[0]
+    return last_start / span if span > 0 else len(ts) / window_s
 
 
 def percentile(values: Sequence[float], q: float) -> float:
