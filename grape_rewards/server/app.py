@@ -178,7 +178,7 @@ def _retrieve(scorer: RewardScorer, queries: list[str], topk: int, refs: list[st
               backend: str) -> tuple[list[list[float]], list[list[str]]]:
     emb, _ = scorer.encode(queries)
     if scorer.retriever.takes_reference:
-        ref = scorer.index.embeddings[scorer.index.rows(refs)].float() if refs is not None else None
+        ref = scorer.index.vectors(refs) if refs is not None else None
         emb = scorer.retriever.fuse_queries(emb, ref)
     scores, ids = scorer.index.search(emb, topk, backend=backend)
     return scores.tolist(), ids
