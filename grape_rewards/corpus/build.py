@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..retrievers.base import Retriever, load_image
-from .files import atomic_write_bytes, atomic_write_json, sha256_file
+from .files import atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from .index import EMBEDDINGS, IDS, INDEX_FORMAT, INDEX_VERSION, MANIFEST, CorpusIndex, read_manifest
 from .source import CorpusSource, CorpusSourceError
 
@@ -167,22 +167,9 @@ def build_index(
         "grape_rewards_version": __version__,
     }
     atomic_write_json(final / MANIFEST, manifest)
-    _swap_into_place(final, out)
+    replace_folder(final, out)
     shutil.rmtree(staging, ignore_errors=True)
     return CorpusIndex.load(out, expected_fingerprint=retriever.fingerprint)
-
-
-def _swap_into_place(new: Path, out: Path) -> None:
-    """Rename the finished index onto ``out``; an old index there is removed only after the swap."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
 
 
 def index_info(path: str | Path) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..corpus.files import atomic_write_bytes, atomic_write_json, sha256_file
+from ..corpus.files import atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from ..corpus.index import EMBEDDINGS, IDS, MANIFEST, CorpusIndex, IndexError_, UnknownIdError, read_manifest
 from ..rewards.rank import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -157,20 +156,7 @@ def _write_shards(src: Path, out: Path, manifest: dict[str, Any], embeddings: An
         "parent": str(src), "shards": names,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
-    _swap_into_place(staging, out)
-
-
-def _swap_into_place(new: Path, out: Path) -> None:
-    """Rename ``new`` onto ``out``; an old folder there is removed only after the swap."""
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
+    replace_folder(staging, out)
 
 
 # -- reading a shard set ---------------------------------------------------------------------------------------
