@@ -43,6 +43,17 @@ class UnknownIdError(KeyError):
         return self.message
 
 
+def lookup_rows(row_of: dict[str, int], ids: Sequence[str], index_name: str) -> list[int]:
+    """Rows of ``ids`` in an id -> row map; an unknown id raises :class:`UnknownIdError` naming it."""
+    out = []
+    for item_id in ids:
+        row = row_of.get(str(item_id))
+        if row is None:
+            raise UnknownIdError(str(item_id), index_name)
+        out.append(row)
+    return out
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of an index folder, with a clear error when it is not one."""
     folder = Path(path)
@@ -149,13 +160,7 @@ class CorpusIndex:
 
     def rows(self, ids: Sequence[str]) -> list[int]:
         """Corpus rows of ``ids``; an unknown id raises :class:`UnknownIdError` naming it."""
-        out = []
-        for item_id in ids:
-            row = self.row_of.get(str(item_id))
-            if row is None:
-                raise UnknownIdError(str(item_id), self.name)
-            out.append(row)
-        return out
+        return lookup_rows(self.row_of, ids, self.name)
 
     def vectors(self, ids: Sequence[str]) -> torch.Tensor:
         """The (float32) embeddings of ``ids``, e.g. CIRR's reference images for composed queries."""

@@ -38,7 +38,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..corpus.files import atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
-from ..corpus.index import EMBEDDINGS, IDS, MANIFEST, CorpusIndex, IndexError_, UnknownIdError, read_manifest
+from ..corpus.index import (
+    EMBEDDINGS,
+    IDS,
+    MANIFEST,
+    CorpusIndex,
+    IndexError_,
+    lookup_rows,
+    read_manifest,
+)
 from ..rewards.rank import (
     DEFAULT_CHUNK_ELEMENTS,
     RankStats,
@@ -427,13 +435,7 @@ class ShardedIndex:
 
     def rows(self, ids: Sequence[str]) -> list[int]:
         """Global rows of ``ids``; an unknown id raises :class:`UnknownIdError` naming it."""
-        out = []
-        for item_id in ids:
-            row = self.row_of.get(str(item_id))
-            if row is None:
-                raise UnknownIdError(str(item_id), self.name)
-            out.append(row)
-        return out
+        return lookup_rows(self.row_of, ids, self.name)
 
     def locate(self, rows: Sequence[int]) -> list[tuple[int, int]]:
         """(shard, local row) of global rows."""
