@@ -148,9 +148,8 @@ class RewardScorer:
         if missing:
             texts_to_encode = list(missing)
             # Cached rows stay on the index's device: no host round trip per request on a GPU.
-            emb = self.retriever.encode_texts(texts_to_encode, batch_size=self.encode_batch_size).to(
-                self.index.device, torch.float32)
-            infos = self.retriever.text_info(texts_to_encode)
+            emb, infos = self.retriever.encode_texts_with_info(texts_to_encode, batch_size=self.encode_batch_size)
+            emb = emb.to(self.index.device, torch.float32)
             for text, e, info in zip(texts_to_encode, emb, infos):
                 found[(fp, text)] = (e, info)
                 self.embedding_cache.put((fp, text), (e, info))

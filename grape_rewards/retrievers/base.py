@@ -68,6 +68,11 @@ class Retriever(ABC):
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Embed texts (truncated to the context length) as (n, dim) unit vectors."""
 
+    def encode_texts_with_info(self, texts: Sequence[str],
+                               batch_size: int = 256) -> tuple[torch.Tensor, list[TextInfo]]:
+        """:meth:`encode_texts` and :meth:`text_info` together (retrievers that can tokenize once override it)."""
+        return self.encode_texts(texts, batch_size=batch_size), self.text_info(texts)
+
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         """Embed images as (n, dim) unit vectors."""
         raise NotImplementedError(f"{type(self).__name__} ({self.spec}) does not encode images")

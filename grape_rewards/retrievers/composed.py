@@ -77,6 +77,10 @@ class ComposedRetriever(Retriever):
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         return self.base.encode_texts(texts, batch_size=batch_size)
 
+    def encode_texts_with_info(self, texts: Sequence[str],
+                               batch_size: int = 256) -> tuple[torch.Tensor, list[TextInfo]]:
+        return self.base.encode_texts_with_info(texts, batch_size=batch_size)
+
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64) -> torch.Tensor:
         return self.base.encode_images(images, batch_size=batch_size)
 
