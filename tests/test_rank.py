@@ -172,5 +172,24 @@ def test_rank_is_additive_over_shards(problem, num_shards, data):
     sharded = finish_rank(merge_counts(parts), thresholds)
     whole = corpus_rank(q, c, targets, excluded, chunk_elements=chunk)
     assert torch.equal(sharded.rank, whole.rank) and torch.equal(sharded.n, whole.n)
-    assert torch.allclose(sharded.mean_sim, whole.mean_sim, atol=1e-5)
+    assert torch.equal(sharded.mean_sim, whole.mean_sim)  # float64 dot products with the summed rows: exact
     assert torch.equal(sharded.best_nontarget_sim, whole.best_nontarget_sim)
+
+
+def test_scan_counts_with_no_threshold_counts_every_unmasked_item_once():
+    from grape_rewards.rewards import column_sums, scan_counts
+
+    c = torch.randn(50, 8)
+    q = torch.randn(3, 8)
+    masked = [[0, 0, 7], [], [49, 3]]  # a duplicate pair is left out once
+    counts = scan_counts(q, c, torch.full((3,), float("-inf")), masked, chunk_elements=7)
+    assert counts.count_above.tolist() == [48, 50, 48] == counts.n_others.tolist()
+    given = scan_counts(q, c, torch.zeros(3), masked, chunk_elements=7, corpus_sum=column_sums(c))
+    computed = scan_counts(q, c, torch.zeros(3), masked, chunk_elements=1000)
+    assert torch.equal(given.count_above, computed.count_above) and torch.equal(given.total, computed.total)
+    want = (q.double() @ c.double().T)
+    keep = torch.ones_like(want, dtype=torch.bool)
+    keep[0, [0, 7]] = False
+    keep[2, [49, 3]] = False
+    assert torch.allclose(computed.total, (want * keep).sum(1), atol=1e-9)
+    assert computed.count_above.tolist() == ((want > 0) & keep).sum(1).tolist()

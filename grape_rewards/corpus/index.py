@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, corpus_rank
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
 from .files import sha256_file
 
 INDEX_FORMAT = "grape-rewards-index"
@@ -94,6 +94,7 @@ class CorpusIndex:
         self.manifest = manifest or {}
         self.path = Path(path) if path is not None else None
         self._searcher: Any = None
+        self._column_sums: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,6 +106,13 @@ class CorpusIndex:
     @property
     def device(self) -> torch.device:
         return self.embeddings.device
+
+    @property
+    def column_sums(self) -> torch.Tensor:
+        """float64 sum of the embeddings' rows (computed once: the embeddings are not modified after loading)."""
+        if self._column_sums is None:
+            self._column_sums = column_sums(self.embeddings)
+        return self._column_sums
 
     @property
     def fingerprint(self) -> str | None:
@@ -176,7 +184,8 @@ class CorpusIndex:
         """Exact corpus-relative rank of each query's targets (see :func:`grape_rewards.rewards.corpus_rank`)."""
         targets = [self.rows(t) for t in target_ids]
         excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else None
-        return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements)
+        return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements,
+                           corpus_sum=self.column_sums)
 
     def search(self, queries: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, list[list[str]]]:
         """Top-``k`` corpus items of each query: (scores (Q, k), ids). FAISS when installed, else exact torch."""

@@ -81,7 +81,8 @@ class ShardActor:
 
     def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list[list[int]],
              chunk_elements: int) -> ShardScan:
-        counts = scan_counts(queries, self.index.embeddings, thresholds, masked, chunk_elements)
+        counts = scan_counts(queries, self.index.embeddings, thresholds, masked, chunk_elements,
+                             self.index.column_sums)
         return ShardScan(self.shard, len(self.index), counts)
 
     def vectors(self, rows: list[int]) -> torch.Tensor:

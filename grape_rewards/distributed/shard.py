@@ -351,7 +351,7 @@ class LocalShards:
         def one(s: int) -> ShardScan:
             shard = self.shards[s]
             return ShardScan(s, len(shard), scan_counts(queries, shard.embeddings, thresholds, masked[s],
-                                                        chunk_elements))
+                                                        chunk_elements, shard.column_sums))
 
         return list(self._map(one, range(len(self.shards))).values())
 

@@ -149,6 +149,15 @@ def target_scores(queries: torch.Tensor, corpus: torch.Tensor, targets: Sequence
     return best.cpu()
 
 
+def column_sums(corpus: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of the corpus rows: every query's summed similarity is one dot product with it.
+
+    >>> column_sums(torch.tensor([[1.0, 0.0], [0.5, 0.5]])).tolist()
+    [1.5, 0.5]
+    """
+    return corpus.sum(0, dtype=torch.float64)
+
+
 @torch.inference_mode()
 def scan_counts(
     queries: torch.Tensor,
@@ -156,35 +165,48 @@ def scan_counts(
     thresholds: torch.Tensor,
     masked: Sequence[Sequence[int]],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    corpus_sum: torch.Tensor | None = None,
 ) -> ScanCounts:
     """Scan ``corpus`` in chunks: per query, the items (other than its ``masked`` rows) scoring above its threshold.
+
+    The summed similarity (for the mean) is exact arithmetic in float64, ``q . sum(corpus) - sum(q . masked)``,
+    so it does not depend on how the corpus is chunked or sharded.
 
     Args:
         thresholds: (Q,) each query's best target score.
         masked: per query, the rows of this corpus left out (its targets and exclusions held here).
+        corpus_sum: :func:`column_sums` of ``corpus`` when the caller keeps it (an index does); else computed.
     """
     _check_inputs(queries, corpus)
     device = corpus.device
     num_queries, num_items = queries.shape[0], corpus.shape[0]
     q = queries.to(device=device, dtype=torch.float32)
-    threshold = thresholds.to(device=device, dtype=torch.float32)
-    pairs = _pairs(masked, num_queries, num_items, "masked rows").to(device)
-    # Deduplicate (query, row) pairs: a row that is both a target and excluded is removed once.
-    keys = torch.unique(pairs[0] * num_items + pairs[1])
-    mq, mr = keys // num_items, keys % num_items
+    threshold = thresholds.to(device=device, dtype=torch.float32)[:, None]
+    # Masked (query, row) pairs, deduplicated (a row that is a target and excluded is left out once) and sorted by
+    # row, so that each chunk's pairs are a slice found on the host: no device sync inside the loop.
+    pairs = _pairs(masked, num_queries, num_items, "masked rows")
+    keys = torch.unique(pairs[1] * num_queries + pairs[0])  # sorted by row, then query
+    mr_host = keys // num_queries
+    mq, mr = (keys % num_queries).to(device), mr_host.to(device)
+
+    q64 = queries.to(device=device, dtype=torch.float64)
+    total = q64 @ (corpus_sum if corpus_sum is not None else column_sums(corpus)).to(device)
+    total.index_add_(0, mq, (q64[mq] * corpus[mr].to(torch.float64)).sum(1), alpha=-1)
 
     count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
-    total = torch.zeros(num_queries, dtype=torch.float64, device=device)
     best = torch.full((num_queries,), float("-inf"), device=device)
     step = chunk_rows(num_queries, chunk_elements)
-    for start in range(0, num_items, step):
-        end = min(start + step, num_items)
-        scores = score_block(q, corpus[start:end])
-        sel = (mr >= start) & (mr < end)
-        scores[mq[sel], mr[sel] - start] = float("nan")  # NaN is never > threshold and is skipped below
-        count_above += (scores > threshold[:, None]).sum(1)
-        total += torch.nan_to_num(scores, nan=0.0).sum(1, dtype=torch.float64)
-        best = torch.maximum(best, torch.nan_to_num(scores, nan=float("-inf")).amax(1))
+    starts = list(range(0, num_items, step))
+    bounds = torch.searchsorted(mr_host, torch.tensor([*starts, num_items])).tolist()
+    count_dtype = torch.float32 if step <= 1 << 24 else torch.float64  # 0/1 sums stay exact integers
+    for k, start in enumerate(starts):
+        scores = score_block(q, corpus[start:start + step])
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi > lo:  # leave the masked pairs out
+            scores[mq[lo:hi], mr[lo:hi] - start] = float("-inf")
+        best = torch.maximum(best, scores.amax(1))
+        # In place (no second chunk-sized allocation): the scores become 1.0 where above the threshold, else 0.0.
+        count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
     n_others = num_items - torch.bincount(mq, minlength=num_queries)
     return ScanCounts(count_above.cpu(), total.cpu(), n_others.cpu(), best.cpu())
 
@@ -205,6 +227,7 @@ def corpus_rank(
     targets: Sequence[Sequence[int]],
     excluded: Sequence[Sequence[int]] | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    corpus_sum: torch.Tensor | None = None,
 ) -> RankStats:
     """Rank each query's best target among the whole corpus.
 
@@ -215,6 +238,7 @@ def corpus_rank(
         targets: for each query, the corpus rows of its targets (at least one).
         excluded: for each query, corpus rows left out of the ranking (e.g. CIRR's reference image).
         chunk_elements: at most this many query x corpus scores are held at once.
+        corpus_sum: :func:`column_sums` of ``corpus``, when the caller keeps it.
 
     >>> c = torch.eye(4)
     >>> q = torch.tensor([[0.6, 0.8, 0.0, 0.0]])
@@ -233,5 +257,5 @@ def corpus_rank(
         raise ValueError(f"excluded: got {len(excluded)} lists for {len(targets)} queries")
     thresholds = target_scores(queries, corpus, targets)
     masked = [list(t) + list(e) for t, e in zip(targets, excluded)]
-    counts = scan_counts(queries, corpus, thresholds, masked, chunk_elements)
+    counts = scan_counts(queries, corpus, thresholds, masked, chunk_elements, corpus_sum)
     return finish_rank(counts, thresholds)
