@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# The GPU benchmark on one H100/H200 with no network (under 8 minutes). Packages the image lacks travel as
-# wheels in .whl/ (fetch them here first with: bash benchmarks/gpu_wheels.sh); results land in
-# benchmarks/results/ and, on the device machine, in $OUT.
-set -euo pipefail
+# The GPU benchmark on one H100/H200 with no network (about 3 minutes). Packages the image lacks travel as
+# wheels in .whl/ (fetch them here first with: bash benchmarks/gpu_wheels.sh). Results land in
+# benchmarks/results/gpu-<gpu>.{md,json} and, on the device machine, in $OUT (written after every step).
+# Then the CUDA variants of the rank and retriever tests run (fp16 tensor-core scoring against fp32 references).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site PATH="/tmp/site/bin:$PATH"
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 benchmarks/bench_gpu.py --device cuda "$@"
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/gpu-* "$OUT/"; fi
+python3 -c "import torch, open_clip, fastapi, uvicorn, httptools, pydantic, grape_rewards.server, grape_rewards.scorer
+print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'open_clip',
+      open_clip.__version__, 'fastapi', fastapi.__version__, 'pydantic', pydantic.__version__)" || exit 1
+timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_gpu.py --device cuda "$@"
+status=$?
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/test_rank.py \
+    tests/test_clip_tokenizer.py tests/test_retrievers.py -k "cuda or rank or clip_tokenizer" 2>&1 | tail -15
+exit $status

@@ -14,6 +14,7 @@ Command line, against a running ``grape-rewards serve`` over any index (rewrites
 targets are drawn from the index's ids)::
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000/get_reward --index DIR --concurrency 1 16 64 256
+    python benchmarks/loadgen.py --url http://127.0.0.1:8000/get_reward --empty --concurrency 256  # HTTP floor
 """
 
 from __future__ import annotations
@@ -134,6 +135,10 @@ class Workload:
     def body(self, i: int) -> bytes:
         query, prompt, label = self.sample(i)
         return _dumps({"query": [query], "prompts": [prompt], "labels": [label]})
+
+
+EMPTY_BODY = _dumps({"query": [], "prompts": [], "labels": []})
+"""A well-formed request with no samples: answered without scoring."""
 
 
 # -- the load generator ------------------------------------------------------------------------------------
@@ -291,21 +296,26 @@ async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000/get_reward")
-    p.add_argument("--index", type=Path, required=True, help="the served index folder (its ids.json gives targets)")
+    p.add_argument("--index", type=Path, help="the served index folder (its ids.json gives targets)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--new-connection", action="store_true", help="a new connection per request (as OpenRLHF)")
     p.add_argument("--token", default=os.environ.get("GRAPE_TOKEN"))
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--empty", action="store_true",
+                   help="send empty requests (no samples): the service's HTTP and JSON floor, nothing scored")
     args = p.parse_args(argv)
-    ids = json.loads((args.index / "ids.json").read_text(encoding="utf-8"))
+    if args.index is None and not args.empty:
+        p.error("--index is needed (its ids.json gives the targets), unless --empty")
+    ids = json.loads((args.index / "ids.json").read_text(encoding="utf-8")) if args.index else ["unused"]
     rows = []
     offset = int(time.time()) % 1000 * 1_000_000  # fresh texts per invocation: no cache hits from a previous run
     for c in args.concurrency:
         workload = Workload(ids, offset=offset)
         offset += 10_000_000
-        result = asyncio.run(run_load(args.url, workload.body, c, args.duration, args.warmup, args.token,
+        body = (lambda i: EMPTY_BODY) if args.empty else workload.body
+        result = asyncio.run(run_load(args.url, body, c, args.duration, args.warmup, args.token,
                                       args.new_connection))
         rows.append(result.row())
         print(f"c={c:4d}  {result.rps:8.1f} rewards/s  p50 {result.p50_ms:8.1f} ms  p99 {result.p99_ms:8.1f} ms  "

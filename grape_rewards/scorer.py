@@ -135,28 +135,34 @@ class RewardScorer:
         """Embeddings (on the index's device) and token info of texts, through the LRU cache."""
         fp = self.retriever.fingerprint
         keys = [(fp, normalize_text(t)) for t in texts]
-        found: dict[tuple[str, str], tuple[torch.Tensor, TextInfo]] = {}
-        missing: dict[str, None] = {}  # ordered set of texts to encode
+        hits: dict[tuple[str, str], tuple[torch.Tensor, TextInfo]] = {}
+        missing: dict[str, int] = {}  # text to encode -> its row among the new embeddings
         for key in keys:
-            if key in found or key[1] in missing:
+            if key in hits or key[1] in missing:
                 continue
             hit = self.embedding_cache.get(key)
             if hit is not None:
-                found[key] = hit  # type: ignore[assignment]
+                hits[key] = hit  # type: ignore[assignment]
             else:
-                missing[key[1]] = None
-        if missing:
-            texts_to_encode = list(missing)
-            # Cached rows stay on the index's device: no host round trip per request on a GPU.
-            emb, infos = self.retriever.encode_texts_with_info(texts_to_encode, batch_size=self.encode_batch_size)
-            emb = emb.to(self.index.device, torch.float32)
-            for text, e, info in zip(texts_to_encode, emb, infos):
-                found[(fp, text)] = (e, info)
-                self.embedding_cache.put((fp, text), (e, info))
+                missing[key[1]] = len(missing)
         if not keys:
             return torch.empty(0, self.retriever.dim, device=self.index.device), []
-        emb = torch.stack([found[k][0] for k in keys])
-        return emb, [found[k][1] for k in keys]
+        new_emb = torch.empty(0, self.retriever.dim, device=self.index.device)
+        new_infos: list[TextInfo] = []
+        if missing:
+            # Cached rows stay on the index's device: no host round trip per request on a GPU.
+            new_emb, new_infos = self.retriever.encode_texts_with_info(list(missing),
+                                                                       batch_size=self.encode_batch_size)
+            new_emb = new_emb.to(self.index.device, torch.float32)
+            if self.embedding_cache.capacity > 0:
+                for text, row, info in zip(missing, new_emb.unbind(0), new_infos):
+                    self.embedding_cache.put((fp, text), (row, info))
+        if not hits:  # all new (the usual GRPO case with distinct rewrites): one gather, no per-row tensors
+            rows = [missing[k[1]] for k in keys]
+            emb = new_emb if rows == list(range(len(new_emb))) else new_emb[torch.tensor(rows, device=new_emb.device)]
+            return emb, [new_infos[r] for r in rows]
+        entries = [hits[k] if k in hits else (new_emb[missing[k[1]]], new_infos[missing[k[1]]]) for k in keys]
+        return torch.stack([e for e, _ in entries]), [i for _, i in entries]
 
     def _queries(self, texts: Sequence[str], references: Sequence[str | None]) -> tuple[torch.Tensor, list[TextInfo]]:
         emb, infos = self.encode(texts)

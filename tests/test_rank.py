@@ -19,6 +19,9 @@ from grape_rewards.rewards import (
     relative_rank_reward,
 )
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""On a GPU, the half-precision corpus is scored on tensor cores with float32 accumulation (another code path)."""
+
 
 def brute_force(q: torch.Tensor, c: torch.Tensor, targets: list[list[int]], excluded: list[list[int]]):
     """Full score matrix, then the definition, item by item."""
@@ -52,11 +55,12 @@ def problems(draw):
     return q, c, targets, excluded, chunk
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=300, deadline=None)
-@given(problems(), st.sampled_from([torch.float32, torch.float16]))
-def test_rank_matches_brute_force(problem, dtype):
+@given(problem=problems(), dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_rank_matches_brute_force(problem, dtype, device):
     q, c, targets, excluded, chunk = problem
-    stats = corpus_rank(q, c.to(dtype), targets, excluded, chunk_elements=chunk)
+    stats = corpus_rank(q.to(device), c.to(device, dtype), targets, excluded, chunk_elements=chunk)
     for i, (rank, n, t_best, mean, best) in enumerate(brute_force(q, c, targets, excluded)):
         assert int(stats.rank[i]) == rank
         assert int(stats.n[i]) == n
@@ -135,7 +139,8 @@ def test_shape_formulas():
         rank_reward(3, 2, "log")
 
 
-def test_float16_corpus_agrees_with_float32_except_within_its_resolution():
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_corpus_agrees_with_float32_except_within_its_resolution(device):
     """Ranks over a float16 corpus equal the float32 ones, except where an item's score is within float16
     resolution of the target's (the documented limit of a half-precision corpus)."""
     g = torch.Generator().manual_seed(0)
@@ -143,7 +148,7 @@ def test_float16_corpus_agrees_with_float32_except_within_its_resolution():
     queries = torch.nn.functional.normalize(corpus[:40] + 0.8 * torch.randn(40, 64, generator=g), dim=1)
     targets = [[i] for i in range(40)]
     exact = corpus_rank(queries, corpus, targets)
-    half = corpus_rank(queries, corpus.half(), targets)
+    half = corpus_rank(queries.to(device), corpus.to(device, torch.float16), targets)
     scores = queries @ corpus.T
     tol = 2e-3  # float16 has an 11-bit significand: |error| of a unit-vector dot product stays below this
     for i in range(40):
