@@ -20,7 +20,7 @@ from .retrievers.base import Retriever, TextInfo
 from .rewards.composite import sample_keys, score_sample
 from .rewards.config import RewardConfig
 from .rewards.format import Extraction, extract_rewrite
-from .rewards.rank import DEFAULT_CHUNK_ELEMENTS
+from .rewards.rank import default_chunk_elements
 
 
 class RewardItem(BaseModel):
@@ -94,12 +94,14 @@ class RewardScorer:
 
     Args:
         cache_size: query embeddings kept (GRPO groups repeat rewrites); original-query ranks keep as many.
-        chunk_elements: bound on the query x corpus scores held at once.
+        chunk_elements: bound on the query x corpus scores held at once (default: 2^24 on the CPU, 2^26 on a GPU).
+        encode_batch_size: texts per encoder call (default: 256 on the CPU; 1,024 on a GPU, where one large call
+            beats several smaller ones with less padding: kernel launches, not FLOPs, bound a small text tower).
     """
 
     def __init__(self, retriever: Retriever, index: CorpusIndex, config: RewardConfig | None = None,
-                 cache_size: int = 65536, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 encode_batch_size: int = 256) -> None:
+                 cache_size: int = 65536, chunk_elements: int | None = None,
+                 encode_batch_size: int | None = None) -> None:
         if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
             raise IndexError_(
                 f"index {index.name} was built with retriever {index.manifest['retriever'].get('spec')!r} "
@@ -111,8 +113,9 @@ class RewardScorer:
         self.retriever = retriever
         self.index = index
         self.config = config or RewardConfig()
-        self.chunk_elements = chunk_elements
-        self.encode_batch_size = encode_batch_size
+        self.chunk_elements = chunk_elements or default_chunk_elements(index.device)
+        on_gpu = torch.device(retriever.device).type == "cuda"
+        self.encode_batch_size = encode_batch_size or (1024 if on_gpu else 256)
         self.embedding_cache = LRUCache(cache_size)
         self.original_rank_cache = LRUCache(cache_size)
         self.keys = sample_keys(self.config)

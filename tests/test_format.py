@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from grape_rewards.labels import LabelError, parse_label
 from grape_rewards.rewards import (
@@ -116,3 +118,28 @@ def test_labels():
                          ({"reference_id": "r"}, "target_ids"), (3.5, "must be an object")]:
         with pytest.raises(LabelError, match=message):
             parse_label(bad)
+
+
+_label_values = st.one_of(st.none(), st.text(max_size=5), st.integers(-3, 3), st.lists(st.one_of(st.text(max_size=4),
+                                                                                                st.integers(0, 9)),
+                                                                                       max_size=3))
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.dictionaries(st.sampled_from(["target_ids", "excluded_ids", "reference_id", "query_id",
+                                            "original_query", "other"]), _label_values, max_size=6))
+def test_label_fast_path_equals_validation(raw):
+    """parse_label skips pydantic for labels already in the schema's exact shape; the result must not differ."""
+    from pydantic import ValidationError
+
+    from grape_rewards.labels import Label, LabelError, parse_label
+
+    try:
+        want = Label.model_validate(raw)
+    except ValidationError:
+        with pytest.raises(LabelError):
+            parse_label(raw)
+        return
+    got = parse_label(raw)
+    assert got.model_dump() == want.model_dump()
+    assert type(got.target_ids) is list and type(got.excluded_ids) is list

@@ -512,3 +512,29 @@ def test_sigterm_drains_accepted_requests(index_dir: Path, tmp_path: Path) -> No
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_bulk_histogram_exposes_what_a_prometheus_histogram_would():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from grape_rewards.server.metrics import SIM_BUCKETS, BulkHistogram
+
+    values = [-1.0, -0.95, 0.0, 0.1, 0.1000001, 0.55, 1.0, 1.5, -3.0]
+    bulk_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram("grape_x", "x", SIM_BUCKETS)
+    bulk_registry.register(bulk)
+    reference = Histogram("grape_x", "x", buckets=SIM_BUCKETS, registry=reference_registry)
+    bulk.observe_many(values[:4])
+    bulk.observe_many([])
+    bulk.observe_many(values[4:])
+    for v in values:
+        reference.observe(v)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return [line for line in generate_latest(registry).decode().splitlines()
+                if "_created" not in line and "_sum" not in line]
+
+    assert lines(bulk_registry) == lines(reference_registry)
+    # prometheus_client drops _sum when a bucket bound is negative; the bulk histogram keeps it (sum / count is
+    # the step mean of a similarity).
+    assert bulk_registry.get_sample_value("grape_x_sum") == pytest.approx(sum(values))

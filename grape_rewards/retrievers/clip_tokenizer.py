@@ -69,22 +69,31 @@ class FastCLIPTokenizer:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Each text's full id list: start token, the text's ids (never truncated), end token."""
-        return [[self.sot, *self._encode_one(text), self.eot] for text in texts]
+        # One flat loop with local names: this runs for every rewrite of every step.
+        printable, split = _PRINTABLE_ASCII.fullmatch, _ASCII_SPLIT.findall
+        words, slow, specials, sot, eot = self._words, self.slow, self.specials, self.sot, self.eot
+        out = []
+        for text in texts:
+            cleaned = clean_lower(text, slow.clean_fn)
+            if not printable(cleaned) or ("<" in cleaned and any(s in cleaned for s in specials)):
+                out.append([sot, *slow.encode(text), eot])
+                continue
+            ids = [sot]
+            for word in split(cleaned):
+                word_ids = words.get(word)
+                if word_ids is None:
+                    word_ids = self._word_ids(word)
+                ids += word_ids
+            ids.append(eot)
+            out.append(ids)
+        return out
 
-    def _encode_one(self, text: str) -> list[int]:
-        cleaned = clean_lower(text, self.slow.clean_fn)
-        if not _PRINTABLE_ASCII.fullmatch(cleaned) or ("<" in cleaned and any(s in cleaned for s in self.specials)):
-            return self.slow.encode(text)
-        ids: list[int] = []
-        words = self._words
-        for word in _ASCII_SPLIT.findall(cleaned):
-            word_ids = words.get(word)
-            if word_ids is None:
-                if len(words) >= WORD_CACHE_SIZE:
-                    words.clear()
-                encoder = self.slow.encoder
-                word_ids = words[word] = [encoder[t] for t in self.slow.bpe(word).split(" ")]
-            ids.extend(word_ids)
+    def _word_ids(self, word: str) -> list[int]:
+        """open_clip's BPE of one ASCII word (its own byte-level form), cached."""
+        if len(self._words) >= WORD_CACHE_SIZE:
+            self._words.clear()
+        encoder = self.slow.encoder
+        ids = self._words[word] = [encoder[t] for t in self.slow.bpe(word).split(" ")]
         return ids
 
     def pack(self, ids: Sequence[Sequence[int]], context_length: int | None = None) -> torch.Tensor:

@@ -5,12 +5,14 @@ from .config import PARTS, FormatConfig, RewardConfig
 from .format import Extraction, extract_rewrite, response_from_query, strip_special_tokens
 from .inflation import inflation_summary
 from .rank import (
+    CUDA_CHUNK_ELEMENTS,
     DEFAULT_CHUNK_ELEMENTS,
     RankStats,
     ScanCounts,
     chunk_rows,
     column_sums,
     corpus_rank,
+    default_chunk_elements,
     finish_rank,
     merge_counts,
     scan_counts,
@@ -27,6 +29,7 @@ from .shapes import (
 )
 
 __all__ = [
+    "CUDA_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_ELEMENTS",
     "PARTS",
     "RANK_SHAPES",
@@ -39,6 +42,7 @@ __all__ = [
     "chunk_rows",
     "column_sums",
     "corpus_rank",
+    "default_chunk_elements",
     "extract_rewrite",
     "finish_rank",
     "inflation_summary",

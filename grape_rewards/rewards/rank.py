@@ -21,7 +21,18 @@ from dataclasses import dataclass
 import torch
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
-"""Upper bound on query x corpus scores held at once (64 MiB of float32)."""
+"""Upper bound on query x corpus scores held at once on the CPU (64 MiB of float32)."""
+CUDA_CHUNK_ELEMENTS = 1 << 26
+"""The same bound on a GPU (256 MiB): fewer, larger chunks keep the kernels busy between launches."""
+
+
+def default_chunk_elements(device: torch.device | str) -> int:
+    """The chunk bound for scoring on ``device``.
+
+    >>> default_chunk_elements("cpu") == DEFAULT_CHUNK_ELEMENTS
+    True
+    """
+    return CUDA_CHUNK_ELEMENTS if torch.device(device).type == "cuda" else DEFAULT_CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)
@@ -205,8 +216,10 @@ def scan_counts(
         if hi > lo:  # leave the masked pairs out
             scores[mq[lo:hi], mr[lo:hi] - start] = float("-inf")
         best = torch.maximum(best, scores.amax(1))
-        # In place (no second chunk-sized allocation): the scores become 1.0 where above the threshold, else 0.0.
-        count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
+        if scores.is_cuda:  # a one-byte temporary moves less memory than rewriting the scores in place
+            count_above += (scores > threshold).sum(1)
+        else:  # in place, no second chunk-sized allocation: the scores become 1.0 above the threshold, else 0.0
+            count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
     n_others = num_items - torch.bincount(mq, minlength=num_queries)
     return ScanCounts(count_above.cpu(), total.cpu(), n_others.cpu(), best.cpu())
 

@@ -98,7 +98,8 @@ def make_server(app: Any, config: Any) -> Any:
 
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
-        lifespan="on", timeout_graceful_shutdown=max(1, math.ceil(config.drain_timeout_s)), timeout_keep_alive=30,
+        lifespan="on", proxy_headers=False, timeout_graceful_shutdown=max(1, math.ceil(config.drain_timeout_s)),
+        timeout_keep_alive=30,
         server_header=False)
     return DrainingServer(uv_config)
 

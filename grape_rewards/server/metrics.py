@@ -19,12 +19,15 @@ Names (all prefixed ``grape_``):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from ..scorer import RewardScorer
@@ -59,6 +62,38 @@ class _CacheCollector(Collector):
         yield from (hits, misses, ratio, entries)
 
 
+class BulkHistogram(Collector):
+    """A Prometheus histogram filled a whole batch at a time (one vectorised bucket count, not one locked
+    ``observe`` per sample on the event loop), exposed at scrape time like ``prometheus_client.Histogram``."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        if not len(values):
+            return
+        v = np.asarray(values, dtype=np.float64)
+        counts = np.bincount(np.searchsorted(self.bounds, v, side="left"), minlength=len(self.counts))
+        with self._lock:
+            self.counts += counts
+            self.sum += float(v.sum())
+
+    def collect(self) -> Iterable[Any]:
+        with self._lock:
+            cumulative, total = np.cumsum(self.counts).tolist(), self.sum
+        family = Metric(self.name, self.documentation, "histogram")  # with _count and _sum even for negative
+        for bound, count in zip([*map(floatToGoString, self.bounds.tolist()), "+Inf"], cumulative):  # buckets
+            family.add_sample(self.name + "_bucket", {"le": bound}, count)
+        family.add_sample(self.name + "_count", {}, cumulative[-1])
+        family.add_sample(self.name + "_sum", {}, total)
+        yield family
+
+
 class ServiceMetrics:
     """Every metric of one app, in its own :class:`prometheus_client.CollectorRegistry`."""
 
@@ -73,8 +108,8 @@ class ServiceMetrics:
                                      registry=r)
         self.batch_requests = Histogram("grape_batch_requests", "Requests coalesced into one device batch",
                                         buckets=SIZE_BUCKETS, registry=r)
-        self.queue_wait = Histogram("grape_queue_wait_seconds", "Time from enqueue to the start of its batch",
-                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = BulkHistogram("grape_queue_wait_seconds", "Time from enqueue to the start of its batch",
+                                        LATENCY_BUCKETS)
         self.encode_seconds = Histogram("grape_encode_seconds", "Extraction + query encoding time per batch",
                                         buckets=LATENCY_BUCKETS, registry=r)
         self.score_seconds = Histogram("grape_score_seconds", "Rank + reward composition time per batch",
@@ -85,15 +120,16 @@ class ServiceMetrics:
                                       registry=r)
         self.queue_items = Gauge("grape_queue_items", "Samples waiting for the device worker", registry=r)
         self.samples = Counter("grape_samples", "Samples scored", registry=r)
-        self.reward = Histogram("grape_reward", "Reward per sample", buckets=REWARD_BUCKETS, registry=r)
-        self.target_sim = Histogram("grape_target_sim", "Similarity of the rewrite to its best target",
-                                    buckets=SIM_BUCKETS, registry=r)
-        self.mean_sim = Histogram("grape_mean_sim", "Mean similarity of the rewrite to the corpus",
-                                  buckets=SIM_BUCKETS, registry=r)
-        self.margin = Histogram("grape_margin", "Target similarity minus best non-target similarity",
-                                buckets=SIM_BUCKETS, registry=r)
-        self.inflation_gap = Histogram("grape_inflation_gap", "Target similarity minus mean corpus similarity",
-                                       buckets=SIM_BUCKETS, registry=r)
+        self.reward = BulkHistogram("grape_reward", "Reward per sample", REWARD_BUCKETS)
+        self.target_sim = BulkHistogram("grape_target_sim", "Similarity of the rewrite to its best target",
+                                        SIM_BUCKETS)
+        self.mean_sim = BulkHistogram("grape_mean_sim", "Mean similarity of the rewrite to the corpus", SIM_BUCKETS)
+        self.margin = BulkHistogram("grape_margin", "Target similarity minus best non-target similarity",
+                                    SIM_BUCKETS)
+        self.inflation_gap = BulkHistogram("grape_inflation_gap", "Target similarity minus mean corpus similarity",
+                                           SIM_BUCKETS)
+        for bulk in (self.queue_wait, self.reward, self.target_sim, self.mean_sim, self.margin, self.inflation_gap):
+            r.register(bulk)
         self.recall_hits = Counter("grape_recall_hits", "Samples whose target ranks within k", ["k"], registry=r)
         self.format_failures = Counter("grape_format_failures", "Samples with an empty or missing rewrite",
                                        registry=r)
@@ -126,31 +162,27 @@ class ServiceMetrics:
         """Record one device batch: its size, waits, timings and the statistics of its samples."""
         self.batch_items.observe(len(samples))
         self.batch_requests.observe(num_requests)
-        for w in waits:
-            self.queue_wait.observe(w)
+        self.queue_wait.observe_many(waits)
         self.encode_seconds.observe(timings.get("encode_s", 0.0))
         self.score_seconds.observe(timings.get("rank_s", 0.0))
         self.batch_seconds.observe(timings.get("batch_s", timings.get("total_s", 0.0)))
         self.samples.inc(len(samples))
-        failures = truncated = 0
-        hits = dict.fromkeys(self._recall_children, 0)
-        for s in samples:
-            self.reward.observe(s["reward"])
-            if s["format_ok"] == 0.0 and s["num_tokens"] == 0.0:
-                failures += 1
-                continue  # no rewrite: its similarities are placeholders
-            self.target_sim.observe(s["target_sim"])
-            self.mean_sim.observe(s["mean_sim"])
-            self.margin.observe(s["margin"])
-            self.inflation_gap.observe(s["target_sim"] - s["mean_sim"])
-            truncated += s["truncated"] == 1.0
-            for k in hits:
-                hits[k] += s[f"recall_at_{k}"] == 1.0
-        for k, n in hits.items():
-            if n:
-                self._recall_children[k].inc(n)
-        if failures:
-            self.format_failures.inc(failures)
+        self.reward.observe_many([s["reward"] for s in samples])
+        # Samples without a rewrite carry placeholder similarities: left out of the similarity statistics.
+        scored = [s for s in samples if not (s["format_ok"] == 0.0 and s["num_tokens"] == 0.0)]
+        target = [s["target_sim"] for s in scored]
+        mean = [s["mean_sim"] for s in scored]
+        self.target_sim.observe_many(target)
+        self.mean_sim.observe_many(mean)
+        self.margin.observe_many([s["margin"] for s in scored])
+        self.inflation_gap.observe_many([t - m for t, m in zip(target, mean)])
+        for k, child in self._recall_children.items():
+            hits = sum(s[f"recall_at_{k}"] == 1.0 for s in scored)
+            if hits:
+                child.inc(hits)
+        if len(scored) < len(samples):
+            self.format_failures.inc(len(samples) - len(scored))
+        truncated = sum(s["truncated"] == 1.0 for s in scored)
         if truncated:
             self.truncated.inc(truncated)
         for stat, value in summary.items():

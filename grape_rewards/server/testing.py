@@ -38,7 +38,7 @@ class ServerThread:
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
         config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=30)
+                                proxy_headers=False, lifespan="on", timeout_graceful_shutdown=30)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
