@@ -17,6 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+try:  # labels are parsed once per sample on the service's hot path
+    from orjson import loads as _json_loads
+except ImportError:  # pragma: no cover - orjson is optional
+    _json_loads = json.loads
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
@@ -66,8 +71,8 @@ def parse_label(raw: Any) -> Label:
             raise LabelError("empty label: expected the target id(s) as JSON, e.g. {\"target_ids\": [\"img_1\"]}")
         if text[0] in "{[\"":
             try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as exc:
+                raw = _json_loads(text)
+            except json.JSONDecodeError as exc:  # orjson's JSONDecodeError subclasses it
                 raise LabelError(f"label is not valid JSON ({exc.msg}): {text[:80]!r}") from None
         else:
             raw = text

