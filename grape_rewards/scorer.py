@@ -96,7 +96,8 @@ class RewardScorer:
         cache_size: query embeddings kept (GRPO groups repeat rewrites); original-query ranks keep as many.
         chunk_elements: bound on the query x corpus scores held at once (default: 2^24 on the CPU, 2^26 on a GPU).
         encode_batch_size: texts per encoder call; texts are sorted by length first, so smaller calls pad less
-            (on an H200, 1,024 ViT-L/14 rewrites encode in 21 ms as four calls of 256, 30 ms as one call).
+            (on an H200, 1,024 ViT-L/14 rewrites took 21-25 ms as four calls of 256 and 19-30 ms as one call
+            across runs: host-bound either way; see benchmarks/results/gpu-h200.md).
     """
 
     def __init__(self, retriever: Retriever, index: CorpusIndex, config: RewardConfig | None = None,
