@@ -135,22 +135,30 @@ class OpenCLIPRetriever(Retriever):
 
     @torch.no_grad()
     def _encode_tokens(self, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Embed open_clip's (n, context) token tensor, each length-sorted batch cut to its longest text."""
-        out = torch.empty(tokens.shape[0], self.dim, device=self.device)
-        if not tokens.shape[0]:
-            return out
+        """Embed open_clip's (n, context) token tensor, each length-sorted batch cut to its longest text.
+
+        The tokens and the order go to the device once; the batches are sliced there and the embeddings put back
+        in order at the end, so the host never waits for the GPU between batches.
+        """
+        n = tokens.shape[0]
+        if not n:
+            return torch.empty(0, self.dim, device=self.device)
         trim = self.pad_free and self._text_tower is not None
         # A text's length runs to its last non-pad token: id 0 is open_clip's pad, but also a real BPE token
         # ("!" inside a word, e.g. "!~x"), so counting non-zero ids would cut the end-of-text token off.
         positions = torch.arange(1, tokens.shape[1] + 1)
-        lengths = (positions * (tokens != 0)).amax(1) if trim else torch.full((tokens.shape[0],), tokens.shape[1])
-        order = torch.argsort(lengths, stable=True).tolist() if trim else list(range(tokens.shape[0]))
-        for idx in batched(order, batch_size):
-            batch = tokens[idx]
-            if trim:
-                batch = batch[:, : max(1, int(lengths[idx].max()))]
-            emb = encode_text_tokens(self.model, batch.to(self.device), pad_free=trim)
-            out[torch.tensor(idx, device=self.device)] = l2_normalize(emb)
+        lengths = (positions * (tokens != 0)).amax(1) if trim else torch.full((n,), tokens.shape[1])
+        order = torch.argsort(lengths, stable=True) if trim else torch.arange(n)
+        widths = lengths[order].tolist()
+        tokens_dev, order_dev = tokens.to(self.device), order.to(self.device)
+        chunks = []
+        for span in batched(range(n), batch_size):  # (batched checks batch_size)
+            start, end = span[0], span[-1] + 1
+            width = max(1, widths[end - 1]) if trim else tokens.shape[1]  # sorted: the last is the longest
+            batch = tokens_dev[order_dev[start:end], :width]
+            chunks.append(l2_normalize(encode_text_tokens(self.model, batch, pad_free=trim)))
+        out = torch.empty(n, self.dim, device=self.device)
+        out[order_dev] = torch.cat(chunks)
         return out
 
     @torch.no_grad()

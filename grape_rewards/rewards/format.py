@@ -8,6 +8,7 @@ complete answer tag pair; the text after the last closed reasoning block; the wh
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -76,6 +77,12 @@ class Extraction:
         return self.status in ("ok", "overlong")
 
 
+@functools.lru_cache(maxsize=16)
+def _answer_pattern(answer_tag: str) -> re.Pattern[str]:
+    """``<tag>(.*?)</tag>`` across lines, compiled once per tag (this runs for every sample)."""
+    return re.compile(re.escape(f"<{answer_tag}>") + r"(.*?)" + re.escape(f"</{answer_tag}>"), flags=re.DOTALL)
+
+
 def extract_rewrite(
     completion: str | None,
     answer_tag: str = "answer",
@@ -100,8 +107,8 @@ def extract_rewrite(
     if completion is None:
         return Extraction("", "missing")
     text = strip_special_tokens(completion)
-    open_tag, close_tag = f"<{answer_tag}>", f"</{answer_tag}>"
-    answers = re.findall(re.escape(open_tag) + r"(.*?)" + re.escape(close_tag), text, flags=re.DOTALL)
+    open_tag = f"<{answer_tag}>"
+    answers = _answer_pattern(answer_tag).findall(text)
     if answers:
         text = answers[-1]
     elif open_tag in text or require_answer_tag:

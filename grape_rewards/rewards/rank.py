@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rank_kernels import fused_available, row_max_count
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 """Upper bound on query x corpus scores held at once on the CPU (64 MiB of float32)."""
 CUDA_CHUNK_ELEMENTS = 1 << 26
@@ -160,6 +162,11 @@ def target_scores(queries: torch.Tensor, corpus: torch.Tensor, targets: Sequence
     return best.cpu()
 
 
+def _use_fused(corpus: torch.Tensor) -> bool:
+    """Whether the scan of ``corpus`` takes the fused max-and-count kernel (a CUDA corpus, Triton installed)."""
+    return corpus.is_cuda and fused_available()
+
+
 def column_sums(corpus: torch.Tensor) -> torch.Tensor:
     """The float64 sum of the corpus rows: every query's summed similarity is one dot product with it.
 
@@ -210,11 +217,17 @@ def scan_counts(
     starts = list(range(0, num_items, step))
     bounds = torch.searchsorted(mr_host, torch.tensor([*starts, num_items])).tolist()
     count_dtype = torch.float32 if step <= 1 << 24 else torch.float64  # 0/1 sums stay exact integers
+    fused = _use_fused(corpus)
     for k, start in enumerate(starts):
         scores = score_block(q, corpus[start:start + step])
         lo, hi = bounds[k], bounds[k + 1]
         if hi > lo:  # leave the masked pairs out
             scores[mq[lo:hi], mr[lo:hi] - start] = float("-inf")
+        if fused:  # max and count in one read of the chunk (Triton)
+            chunk_best, chunk_count = row_max_count(scores, threshold)
+            best = torch.maximum(best, chunk_best)
+            count_above += chunk_count
+            continue
         best = torch.maximum(best, scores.amax(1))
         # In place, no second chunk-sized allocation: the scores become 1.0 above the threshold, else 0.0. Summing
         # floats is also faster than summing a bool temporary (measured on an H200: 0.31 vs 0.52 ms per 2^26).

@@ -1,0 +1,63 @@
+"""The fused max-and-count kernel of the rank scan equals torch, run by Triton's interpreter on the CPU (and
+natively where a GPU is present); the scan through it equals the torch scan."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+CHECK = textwrap.dedent("""
+    import torch
+    from grape_rewards.rewards import rank, rank_kernels, scan_counts
+
+    device = "{device}"
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(3, 10), (3, 20000), (1, 16384), (2, 16385), (7, 1), (0, 5)]:
+        s = torch.randn(rows, cols, generator=g).to(device)
+        thr = torch.randn(rows, generator=g).to(device)
+        if rows > 1:
+            s[0, :3] = float("-inf")
+            s[1, 5 % cols] = thr[1]  # a tie: not above
+            thr[rows - 1] = float("-inf")  # everything finite is above
+        m, c = rank_kernels.row_max_count(s, thr)
+        assert c.dtype == torch.int64
+        assert torch.equal(c, (s > thr[:, None]).sum(1)), (rows, cols)
+        assert rows == 0 or torch.equal(m, s.amax(1)), (rows, cols)
+
+    # The scan through the kernel equals the torch scan (chunks, masked pairs, duplicates).
+    corpus = torch.nn.functional.normalize(torch.randn(3000, 16, generator=g), dim=1).to(device)
+    q = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=1).to(device)
+    masked = [[i, i, (7 * i) % 3000] for i in range(9)]
+    thresholds = torch.randn(9, generator=g) * 0.3
+    original = rank._use_fused
+    try:
+        for chunk in (1000, 9 * 3000, 450):
+            rank._use_fused = lambda corpus: True
+            fused = scan_counts(q, corpus, thresholds, masked, chunk)
+            rank._use_fused = lambda corpus: False
+            plain = scan_counts(q, corpus, thresholds, masked, chunk)
+            for a, b in zip(fused.__dict__.values(), plain.__dict__.values()):
+                assert torch.equal(a, b), chunk
+    finally:
+        rank._use_fused = original
+    print("ok")
+""")
+
+
+def test_kernel_in_the_interpreter_equals_torch():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", CHECK.format(device="cpu")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter test above runs everywhere)")
+def test_kernel_on_the_gpu_equals_torch():
+    exec(CHECK.format(device="cuda"), {})
