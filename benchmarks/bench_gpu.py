@@ -44,6 +44,7 @@ from loadgen import captions, rewrite_text
 from grape_rewards.corpus import CorpusIndex
 from grape_rewards.retrievers import create_retriever
 from grape_rewards.rewards import RewardConfig
+from grape_rewards.rewards.rank_kernels import fused_available
 from grape_rewards.scorer import RewardItem, RewardScorer
 
 HERE = Path(__file__).resolve().parent
@@ -96,7 +97,7 @@ def main() -> None:
     name = args.name or ("gpu-" + torch.cuda.get_device_name(0).split()[-1].lower() if device.type == "cuda"
                          else "gpu-bench-cpu")
     result: dict[str, Any] = {"model": args.model, "rewrites": args.rewrites, "rows": [], "service": None,
-                              "errors": []}
+                              "errors": [], "fused_rank": fused_available()}
 
     def save() -> None:
         write_result(name, result, markdown(result, args))
@@ -269,6 +270,7 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
              f"pad-free fp16 encoding (tokenization included): "
              f"{result.get('encode_b1024_ms', float('nan')):.1f} ms in one call, "
              f"{result.get('encode_b256_ms', float('nan')):.1f} ms in length-sorted calls of 256.\n",
+             f"Rank scan: {'fused Triton max-and-count' if result.get('fused_rank') else 'torch ops'}.\n",
              "Targets: N = 1M step <= 25 ms on one H100; service >= 5,000 rewards/s at 256 clients; corpus "
              "2 bytes/dim/item; scoring memory bounded by the chunk.\n",
              "| N | step ms (median) | step ms (best) | rank ms (2^24 chunk) | rank ms (2^26 chunk) | arithmetic at "

@@ -10,6 +10,7 @@ Triton or CUDA is absent (:func:`fused_available`).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -48,8 +49,9 @@ def _kernel() -> Any:
 
 @functools.cache
 def fused_available() -> bool:
-    """Whether :func:`row_max_count` can run here (Triton importable and a CUDA device present)."""
-    if not torch.cuda.is_available():
+    """Whether :func:`row_max_count` can run here: Triton importable, a CUDA device present, and not switched off
+    with ``GRAPE_FUSED_RANK=0`` (the torch path then runs)."""
+    if os.environ.get("GRAPE_FUSED_RANK", "1") == "0" or not torch.cuda.is_available():
         return False
     try:
         import triton  # noqa: F401
