@@ -1,5 +1,5 @@
-"""The fused max-and-count kernel of the rank scan equals torch, run by Triton's interpreter on the CPU (and
-natively where a GPU is present); the scan through it equals the torch scan."""
+"""The fused max-and-count kernel of the rank scan (opt-in: GRAPE_FUSED_RANK=1) equals torch, run by Triton's
+interpreter on the CPU (and natively where a GPU is present); the scan through it equals the torch scan."""
 
 from __future__ import annotations
 

@@ -3,8 +3,11 @@
 The scan of a score chunk needs, per query row, ``max(scores)`` and ``count(scores > threshold)``. In torch that
 is ``amax`` plus an in-place ``gt_`` and a ``sum``: three reads and a write of the chunk (1024 x 65,536 float32
 = 256 MiB). :func:`row_max_count` reads it once (Triton), which on an H200 is the difference between ~0.4 ms and
-~0.07 ms per chunk. Both results are exact (the same float32 comparisons); callers fall back to torch where
-Triton or CUDA is absent (:func:`fused_available`).
+~0.07 ms per chunk. Both results are exact (the same float32 comparisons).
+
+Opt-in for now: ``GRAPE_FUSED_RANK=1`` turns it on (:func:`fused_available`). It is tested against torch in
+Triton's interpreter (Triton 3.6 and 3.8) on the CPU, but has not yet run on a GPU: ``benchmarks/gpu.sh`` tests
+it natively first and benchmarks with it only if that test passes. Without it, the scan uses torch ops.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def _kernel() -> Any:
         base = scores_ptr + row.to(tl.int64) * stride_row
         best = tl.full([BLOCK], float("-inf"), tl.float32)
         count = tl.zeros([BLOCK], tl.int32)
-        for start in range(seg * SEGMENT, seg * SEGMENT + SEGMENT, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        first = seg * SEGMENT
+        for step in range(0, SEGMENT, BLOCK):  # constant bounds: unrolled by the compiler
+            offs = first + step + tl.arange(0, BLOCK)
             s = tl.load(base + offs, mask=offs < n_cols, other=float("-inf"))
             best = tl.maximum(best, s)
             count += (s > thr).to(tl.int32)
@@ -49,9 +53,9 @@ def _kernel() -> Any:
 
 @functools.cache
 def fused_available() -> bool:
-    """Whether :func:`row_max_count` can run here: Triton importable, a CUDA device present, and not switched off
-    with ``GRAPE_FUSED_RANK=0`` (the torch path then runs)."""
-    if os.environ.get("GRAPE_FUSED_RANK", "1") == "0" or not torch.cuda.is_available():
+    """Whether the scan uses :func:`row_max_count`: switched on with ``GRAPE_FUSED_RANK=1``, Triton importable and a
+    CUDA device present."""
+    if os.environ.get("GRAPE_FUSED_RANK", "0") != "1" or not torch.cuda.is_available():
         return False
     try:
         import triton  # noqa: F401
