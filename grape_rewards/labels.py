@@ -83,7 +83,9 @@ def parse_label(raw: Any) -> Label:
     if not isinstance(raw, dict):
         raise LabelError(f"label must be an object, an id or a list of ids, got {type(raw).__name__}")
     if _plainly_valid(raw):  # the common shape, checked by hand: no validator run per sample on the hot path
-        return Label.model_construct(**{"excluded_ids": [], **raw})
+        return Label.model_construct(target_ids=raw["target_ids"], excluded_ids=raw.get("excluded_ids", []),
+                                     reference_id=raw.get("reference_id"), query_id=raw.get("query_id"),
+                                     original_query=raw.get("original_query"))
     try:
         return Label.model_validate(raw)
     except ValidationError as exc:
@@ -92,11 +94,12 @@ def parse_label(raw: Any) -> Label:
 
 
 _OPTIONAL_STRINGS = ("reference_id", "query_id", "original_query")
+_LABEL_FIELDS = frozenset(Label.model_fields)
 
 
 def _plainly_valid(raw: dict[str, Any]) -> bool:
     """Whether ``raw`` is already exactly what :class:`Label` would validate it to (lists of strings, strings)."""
-    if not raw.keys() <= Label.model_fields.keys():
+    if not raw.keys() <= _LABEL_FIELDS:
         return False
     targets = raw.get("target_ids")
     if not isinstance(targets, list) or not targets or not all(type(t) is str for t in targets):

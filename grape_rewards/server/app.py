@@ -254,7 +254,7 @@ class GuardMiddleware:
                 started = True
             await send(message)
 
-        metrics.in_progress.inc()
+        metrics.requests_in_progress += 1
         try:
             headers = dict(scope["headers"])
             if self.expected is not None and path not in OPEN_PATHS:
@@ -298,7 +298,7 @@ class GuardMiddleware:
                 if not started:
                     await _send_problem(send_wrapper, 413, _too_large(received, self.limit))
         finally:
-            metrics.in_progress.dec()
+            metrics.requests_in_progress -= 1
             metrics.observe_request(endpoint, status, time.perf_counter() - start)
 
 
@@ -438,8 +438,6 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus exposition of the service's own registry."""
-        if state.batcher is not None:
-            state.metrics.queue_items.set(state.batcher.queued_items)
         return Response(content=state.metrics.render(), media_type=CONTENT_TYPE)
 
     app.guard = GuardMiddleware(functools.partial(FastAPI.__call__, app), state)

@@ -147,7 +147,7 @@ class MicroBatcher:
         self._queue.append(_Request(items, future, time.perf_counter()))
         self._queued_items += n
         if self.metrics is not None:
-            self.metrics.queue_items.set(self._queued_items)
+            self.metrics.queued_items = self._queued_items
         self._wakeup.set()
         if self._filled is not None and self._queued_items >= self._fill_target and not self._filled.done():
             self._filled.set_result(None)
@@ -202,7 +202,7 @@ class MicroBatcher:
             size += len(request.items)
         self._queued_items -= size
         if self.metrics is not None:
-            self.metrics.queue_items.set(self._queued_items)
+            self.metrics.queued_items = self._queued_items
         return batch
 
     async def _run(self, batch: list[_Request]) -> None:

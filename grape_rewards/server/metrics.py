@@ -102,7 +102,10 @@ class ServiceMetrics:
         self.requests = Counter("grape_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
         self.request_seconds = Histogram("grape_request_seconds", "HTTP request latency", ["endpoint"],
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.requests_in_progress = 0
+        """Updated per request as a plain int (a Gauge's inc/dec costs a lock and a check); read at scrape time."""
         self.in_progress = Gauge("grape_requests_in_progress", "HTTP requests being handled", registry=r)
+        self.in_progress.set_function(lambda: self.requests_in_progress)
         self.rejected = Counter("grape_rejected", "Requests refused before scoring", ["reason"], registry=r)
         self.batch_items = Histogram("grape_batch_items", "Samples per device batch", buckets=SIZE_BUCKETS,
                                      registry=r)
@@ -118,7 +121,10 @@ class ServiceMetrics:
                                        registry=r)
         self.batch_failures = Counter("grape_batch_failures", "Batches that raised and were retried per request",
                                       registry=r)
+        self.queued_items = 0
+        """Samples waiting, kept by the batcher as a plain int and read at scrape time."""
         self.queue_items = Gauge("grape_queue_items", "Samples waiting for the device worker", registry=r)
+        self.queue_items.set_function(lambda: self.queued_items)
         self.samples = Counter("grape_samples", "Samples scored", registry=r)
         self.reward = BulkHistogram("grape_reward", "Reward per sample", REWARD_BUCKETS)
         self.target_sim = BulkHistogram("grape_target_sim", "Similarity of the rewrite to its best target",
