@@ -163,7 +163,7 @@ def test_bad_manifests_are_named(tmp_path, rows, message):
 def test_bad_json_line_and_csv(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"id": "a", "text": "x"}\n{"id": \n')
-    with pytest.raises(CorpusSourceError, match=r"m.jsonl:2: not valid JSON"):
+    with pytest.raises(CorpusSourceError, match=r"m.jsonl:2: invalid JSON"):
         read_source(path)
     csv_path = tmp_path / "m.csv"
     csv_path.write_text("id,text\na,a red car\nb,a blue bird\n")

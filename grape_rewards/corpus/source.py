@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..jsonl import jsonl_objects
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -135,20 +137,10 @@ def _manifest_records(path: Path) -> Iterable[tuple[int, dict]]:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "id" not in reader.fieldnames:
                 raise CorpusSourceError(f"{path}:1: the CSV header must name an 'id' column and 'image' or 'text'")
-            for n, row in enumerate(reader, start=2):
-                yield n, row
+            yield from enumerate(reader, start=2)
         return
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusSourceError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise CorpusSourceError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-            yield n, record
+        yield from jsonl_objects(f, lambda n, problem: CorpusSourceError(f"{path}:{n}: {problem}"))
 
 
 def read_source(path: str | Path) -> CorpusSource:

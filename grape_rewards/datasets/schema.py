@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from ..jsonl import jsonl_objects
+
 Task = Literal["multilingual", "longform", "composed"]
 """``multilingual``: non-English caption -> image; ``longform``: long text -> image;
 ``composed``: reference image + modification text -> image."""
@@ -141,16 +143,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (1-based line numbers)."""
     require_file(path, "JSONL")
     with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, f"invalid JSON ({e.msg} at column {e.colno})", line=line_no) from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(path, f"expected a JSON object, got {type(obj).__name__}", line=line_no)
-            yield line_no, obj
+        yield from jsonl_objects(f, lambda n, problem: DataFormatError(path, problem, line=n))
 
 
 def read_json(path: Path) -> Any:

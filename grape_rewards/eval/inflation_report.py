@@ -16,13 +16,14 @@ files from ``grape-rewards score``), as numbers (JSON, markdown) and as a PNG pl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..jsonl import jsonl_objects
 
 if TYPE_CHECKING:
     from ..rewards.rank import RankStats
@@ -87,15 +88,7 @@ def from_scored_jsonl(path: str | Path, name: str | None = None) -> SimilarityDi
     columns: dict[str, list[float]] = {k: [] for k in SIMILARITIES}
     skipped = 0
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {n}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {n}: expected a JSON object")
+        for n, row in jsonl_objects(f, lambda n, problem: ValueError(f"{path}, line {n}: {problem}")):
             missing = [k for k in SIMILARITIES if not isinstance(row.get(k), (int, float))]
             if missing:
                 raise ValueError(f"{path}, line {n}: missing numeric {missing} (score the file with "

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import jsonl_objects
+
 logger = logging.getLogger(__name__)
 
 FIELDS: tuple[str, ...] = ("query_id", "rewrite", "raw", "model")
@@ -79,15 +81,7 @@ def read_rewrites(path: str | Path, *, allow_duplicates: bool = False) -> dict[s
     lines = data.split("\n")
     if not data.endswith("\n"):
         lines = lines[:-1]  # a partial line from an interrupted run (or an empty file)
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RewriteFileError(f"{path}, line {n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise RewriteFileError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+    for n, row in jsonl_objects(lines, lambda n, problem: RewriteFileError(f"{path}, line {n}: {problem}")):
         query_id, rewrite = row.get("query_id"), row.get("rewrite")
         if isinstance(query_id, int) and not isinstance(query_id, bool):
             query_id = str(query_id)

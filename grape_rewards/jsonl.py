@@ -1,0 +1,29 @@
+"""JSON Lines: the objects of a file with their line numbers, and errors that name the line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+def jsonl_objects(lines: Iterable[str], error: Callable[[int, str], Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of each non-blank line (numbered from 1); a line that is not a JSON object raises
+    ``error(line_number, problem)``, so each caller keeps its own exception type and message prefix.
+
+    >>> list(jsonl_objects(['{"a": 1}', "", '{"b": 2}'], lambda n, p: ValueError(f"line {n}: {p}")))
+    [(1, {'a': 1}), (3, {'b': 2})]
+    >>> list(jsonl_objects(["[1]"], lambda n, p: ValueError(f"line {n}: {p}")))
+    Traceback (most recent call last):
+    ValueError: line 1: expected a JSON object, got list
+    """
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(n, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise error(n, f"expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
