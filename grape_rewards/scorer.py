@@ -156,8 +156,8 @@ class RewardScorer:
             new_emb, new_infos = self.retriever.encode_texts_with_info(list(missing),
                                                                        batch_size=self.encode_batch_size)
             new_emb = new_emb.to(self.index.device, torch.float32)
-            if self.embedding_cache.capacity > 0:
-                for text, row, info in zip(missing, new_emb.unbind(0), new_infos):
+            if self.embedding_cache.capacity > 0:  # rows of a copy: the caller may modify what it gets back
+                for text, row, info in zip(missing, new_emb.clone().unbind(0), new_infos):
                     self.embedding_cache.put((fp, text), (row, info))
         if not hits:  # all new (the usual GRPO case with distinct rewrites): one gather, no per-row tensors
             rows = [missing[k[1]] for k in keys]

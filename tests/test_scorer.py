@@ -169,3 +169,20 @@ def test_in_memory_index_without_manifest(minilm):
     emb = minilm.encode_texts(CAPTIONS)
     scorer = RewardScorer(minilm, CorpusIndex(emb, [f"c{i}" for i in range(len(CAPTIONS))]))
     assert scorer.score([RewardItem(rewrite=CAPTIONS[3], target_ids=["c3"])])[0]["rank"] == 1
+
+
+def test_encoded_rows_can_be_modified_without_touching_the_cache(tiny_open_clip):
+    import torch
+
+    from grape_rewards.corpus import CorpusIndex
+    from grape_rewards.scorer import RewardScorer
+
+    r = tiny_open_clip
+    index = CorpusIndex(torch.nn.functional.normalize(torch.randn(5, r.dim), dim=1), [str(i) for i in range(5)],
+                        {"retriever": {"fingerprint": r.fingerprint}})
+    scorer = RewardScorer(r, index, cache_size=10)
+    first, _ = scorer.encode(["a dog", "a cat"])
+    want = first.clone()
+    first.zero_()  # Retriever.encode_* promise: callers may modify the result in place
+    again, _ = scorer.encode(["a dog", "a cat"])
+    assert scorer.embedding_cache.hits == 2 and torch.equal(again, want)
