@@ -187,8 +187,8 @@ def scan_counts(
 ) -> ScanCounts:
     """Scan ``corpus`` in chunks: per query, the items (other than its ``masked`` rows) scoring above its threshold.
 
-    The summed similarity (for the mean) is exact arithmetic in float64, ``q . sum(corpus) - sum(q . masked)``,
-    so it does not depend on how the corpus is chunked or sharded.
+    The summed similarity (for the mean) is computed in float64 as ``q . sum(corpus) - sum(q . masked)`` from the
+    unrounded query, so it does not depend on how the corpus is chunked or sharded (beyond float64 rounding).
 
     Args:
         thresholds: (Q,) each query's best target score.
