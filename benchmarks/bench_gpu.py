@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -39,15 +40,13 @@ from typing import Any
 import httpx
 import torch
 from common import RESULTS, corpus_scan_flops, matmul_peak_flops, text_tower_flops, write_result
-from loadgen import captions, rewrite_text
+from loadgen import captions, rewrite_text, run_in_subprocess
 
 from grape_rewards.corpus import CorpusIndex
 from grape_rewards.retrievers import create_retriever
 from grape_rewards.rewards import RewardConfig
 from grape_rewards.rewards.rank_kernels import fused_available
 from grape_rewards.scorer import RewardItem, RewardScorer
-
-HERE = Path(__file__).resolve().parent
 
 
 def sync(device: torch.device) -> None:
@@ -183,15 +182,6 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def run_loadgen(url: str, ids_dir: Path, concurrency: int, seconds: float, empty: bool) -> dict[str, Any]:
-    """``loadgen.py`` in its own process (its CPU is not the server's), returning its one result row."""
-    out = ids_dir / ("empty.json" if empty else "load.json")
-    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url + "/get_reward", "--index", str(ids_dir),
-           "--concurrency", str(concurrency), "--duration", str(seconds), "--warmup", "2", "--json", str(out)]
-    subprocess.run(cmd + (["--empty"] if empty else []), check=True, timeout=seconds + 120)
-    return json.loads(out.read_text())[0]
-
-
 def gil_profile(seconds: float) -> dict[str, Any] | None:
     """py-spy samples of whichever thread holds this process' GIL, grouped by what it is doing."""
     exe = shutil.which("py-spy") or next((str(Path(p) / "bin" / "py-spy") for p in sys.path
@@ -240,17 +230,15 @@ def service_point(scorer: RewardScorer, args: argparse.Namespace) -> dict[str, A
     ids_dir = Path(tempfile.mkdtemp())
     (ids_dir / "ids.json").write_text(json.dumps(scorer.index.ids[:100_000]))  # the load's targets
     with ServerThread(app) as server:
-        floor = run_loadgen(server.url, ids_dir, args.concurrency, 5.0, empty=True)
+        floor = run_in_subprocess(server.url, ids_dir, args.concurrency, 5.0, empty=True)
         busy0 = metric(server.url, "grape_batch_seconds_sum")
         items0, batches0 = metric(server.url, "grape_batch_items_sum"), metric(server.url, "grape_batch_items_count")
         t0 = time.perf_counter()
         profile: dict[str, Any] = {}
-        import threading
-
         spy = threading.Thread(target=lambda: profile.update(
             {"p": gil_profile(min(8.0, args.service_seconds))}), daemon=True)
         threading.Timer(4.0, spy.start).start()
-        load = run_loadgen(server.url, ids_dir, args.concurrency, args.service_seconds, empty=False)
+        load = run_in_subprocess(server.url, ids_dir, args.concurrency, args.service_seconds, empty=False)
         elapsed = time.perf_counter() - t0
         busy1 = metric(server.url, "grape_batch_seconds_sum")
         items1, batches1 = metric(server.url, "grape_batch_items_sum"), metric(server.url, "grape_batch_items_count")

@@ -16,8 +16,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +24,7 @@ from typing import Any
 
 import torch
 from common import write_result
+from loadgen import run_in_subprocess
 
 from grape_rewards.corpus import CorpusIndex
 from grape_rewards.retrievers.base import Retriever, TextInfo
@@ -34,8 +33,6 @@ from grape_rewards.rewards import RewardConfig
 from grape_rewards.scorer import RewardScorer
 from grape_rewards.server import ServeConfig, create_app
 from grape_rewards.server.testing import ServerThread
-
-HERE = Path(__file__).resolve().parent
 
 
 class NullRetriever(Retriever):
@@ -84,14 +81,6 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def load(url: str, ids_dir: Path, concurrency: int, seconds: float, empty: bool) -> dict[str, Any]:
-    out = ids_dir / "load.json"
-    cmd = [sys.executable, str(HERE / "loadgen.py"), "--url", url + "/get_reward", "--index", str(ids_dir),
-           "--concurrency", str(concurrency), "--duration", str(seconds), "--warmup", "2", "--json", str(out)]
-    subprocess.run(cmd + (["--empty"] if empty else []), check=True, timeout=seconds + 120, capture_output=True)
-    return json.loads(out.read_text())[0]
-
-
 def point(scorer: RewardScorer, ids_dir: Path, gc_tuning: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One server (GC tuning as given): the HTTP floor, then the scored load with per-thread CPU."""
     gc.unfreeze()
@@ -99,9 +88,9 @@ def point(scorer: RewardScorer, ids_dir: Path, gc_tuning: bool, args: argparse.N
     app = create_app(scorer, ServeConfig(index="<in-memory>", max_batch_size=1024, log_level="warning",
                                          gc_tuning=gc_tuning))
     with ServerThread(app) as server:
-        floor = load(server.url, ids_dir, args.concurrency, args.seconds, empty=True)
+        floor = run_in_subprocess(server.url, ids_dir, args.concurrency, args.seconds, empty=True, quiet=True)
         before, t0 = thread_cpu(), time.perf_counter()
-        scored = load(server.url, ids_dir, args.concurrency, args.seconds, empty=False)
+        scored = run_in_subprocess(server.url, ids_dir, args.concurrency, args.seconds, quiet=True)
         after, elapsed = thread_cpu(), time.perf_counter() - t0
     answered = scored["rps"] * elapsed  # requests over the whole load (warm-up and drain included), approximately
     loop = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("uvicorn"))

@@ -26,11 +26,13 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 try:
@@ -291,6 +293,17 @@ async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int
         rps=burst_throughput(done_at, duration_s), rps_window=len(latencies) / duration_s,
         p50_ms=percentile(ok, 0.5) * 1000, p99_ms=percentile(ok, 0.99) * 1000,
         mean_ms=statistics.fmean(ok) * 1000 if ok else float("nan"), statuses=statuses)
+
+
+def run_in_subprocess(url: str, ids_dir: Path, concurrency: int, seconds: float, empty: bool = False,
+                      quiet: bool = False) -> dict[str, Any]:
+    """This load generator in its own process (its CPU is not the server's) against ``url`` (the service's base
+    URL), targets from ``ids_dir/ids.json``; its one result row."""
+    out = ids_dir / ("empty.json" if empty else "load.json")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--url", url + "/get_reward", "--index", str(ids_dir),
+           "--concurrency", str(concurrency), "--duration", str(seconds), "--warmup", "2", "--json", str(out)]
+    subprocess.run(cmd + (["--empty"] if empty else []), check=True, timeout=seconds + 120, capture_output=quiet)
+    return json.loads(out.read_text())[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

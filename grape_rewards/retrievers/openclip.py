@@ -7,7 +7,7 @@ position, so the padding after the longest text of a batch can be dropped withou
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,11 +113,10 @@ class OpenCLIPRetriever(Retriever):
 
     def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
         if self.fast_tokenizer is not None:
-            return self._infos(self.fast_tokenizer.encode(texts))
-        return self._infos([_num_tokens(self.tokenizer, text) for text in texts])
+            return self._infos(map(len, self.fast_tokenizer.encode(texts)))
+        return self._infos(_num_tokens(self.tokenizer, text) for text in texts)
 
-    def _infos(self, ids_or_counts: Sequence[Sequence[int] | int]) -> list[TextInfo]:
-        counts = [x if isinstance(x, int) else len(x) for x in ids_or_counts]
+    def _infos(self, counts: Iterable[int]) -> list[TextInfo]:
         return [TextInfo(num_tokens=n, truncated=n > self.max_text_tokens) for n in counts]
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -131,7 +130,7 @@ class OpenCLIPRetriever(Retriever):
         if self.fast_tokenizer is None:
             return super().encode_texts_with_info(texts, batch_size)
         ids = self.fast_tokenizer.encode(texts)
-        return self._encode_tokens(self.fast_tokenizer.pack(ids), batch_size), self._infos(ids)
+        return self._encode_tokens(self.fast_tokenizer.pack(ids), batch_size), self._infos(map(len, ids))
 
     @torch.no_grad()
     def _encode_tokens(self, tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
