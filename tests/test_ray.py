@@ -207,15 +207,20 @@ def _metric_sum(text: str, name: str) -> float:
 
 def test_metrics_cover_every_replica(service: RayService) -> None:
     with httpx.Client(base_url=service.url, timeout=60) as http:
+        # Other replicas' series are snapshots pushed every 2 s: the replica that scored may not have pushed yet when
+        # another one answers /metrics (a fast machine can finish all earlier scoring inside one push interval).
         deadline = time.monotonic() + 30
         replicas: set[str] = set()
-        while time.monotonic() < deadline and len(replicas) < 2:
-            http.post("/v1/rewards", json={"items": [{"rewrite": "a dog", "target_ids": ["cap000001"]}]})
+        samples = 0.0
+        while time.monotonic() < deadline and (len(replicas) < 2 or samples < 1):
+            scored = http.post("/v1/rewards", json={"items": [{"rewrite": "a dog", "target_ids": ["cap000001"]}]})
+            assert scored.status_code == 200, scored.text
             text = http.get("/metrics").text
             replicas = set(re.findall(r'^grape_ready\{replica="([^"]+)"\} 1\.0$', text, re.M))
+            samples = _metric_sum(text, "grape_samples_total")
             time.sleep(0.5)
         assert len(replicas) == 2, text[:2000]
-        assert _metric_sum(text, "grape_samples_total") >= 1
+        assert samples >= 1, text[:4000]
         own = http.get("/metrics", params={"scope": "replica"}).text
         assert "replica=" not in own and re.search(r"^grape_ready 1\.0$", own, re.M)
 
