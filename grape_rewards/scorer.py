@@ -121,16 +121,29 @@ class RewardScorer:
         self._lock = threading.Lock()
 
     # -- validation -----------------------------------------------------------------------------------
-    def check_ids(self, items: Sequence[RewardItem]) -> None:
-        """Raise :class:`~grape_rewards.corpus.UnknownIdError` for the first id the index does not hold."""
+    def resolve_rows(self, items: Sequence[RewardItem]) -> tuple[list[list[int]], list[list[int]]]:
+        """Corpus rows of each item's targets, and of what its ranking leaves out (exclusions and reference).
+
+        Raises :class:`~grape_rewards.corpus.UnknownIdError` for the first id the index does not hold.
+        """
+        rows = self.index.rows
+        needs_reference = self.retriever.takes_reference
+        targets: list[list[int]] = []
+        excluded: list[list[int]] = []
         for item in items:
-            self.index.rows(item.target_ids)
-            self.index.rows(item.excluded_ids)
+            targets.append(rows(item.target_ids))
+            left_out = rows(item.excluded_ids) if item.excluded_ids else []
             if item.reference_id is not None:
-                self.index.rows([item.reference_id])
-            elif self.retriever.takes_reference:
+                left_out = left_out + rows([item.reference_id])
+            elif needs_reference:
                 raise ValueError(f"{self.retriever.spec!r} fuses the reference image into the query: every item "
                                  "needs a reference_id")
+            excluded.append(left_out)
+        return targets, excluded
+
+    def check_ids(self, items: Sequence[RewardItem]) -> None:
+        """Raise :class:`~grape_rewards.corpus.UnknownIdError` for the first id the index does not hold."""
+        self.resolve_rows(items)
 
     # -- encoding -------------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[TextInfo]]:
@@ -180,8 +193,12 @@ class RewardScorer:
         return extract_rewrite(text, fmt.answer_tag, fmt.require_answer_tag and item.completion is not None,
                                fmt.max_chars)
 
-    def original_ranks(self, items: Sequence[RewardItem]) -> list[int | None]:
-        """Rank of each item's original query (cached); None where no original query is given."""
+    def original_ranks(self, items: Sequence[RewardItem],
+                       rows: tuple[list[list[int]], list[list[int]]] | None = None) -> list[int | None]:
+        """Rank of each item's original query (cached); None where no original query is given.
+
+        ``rows``: :meth:`resolve_rows` of ``items``, when the caller has it.
+        """
         out: list[int | None] = [None] * len(items)
         todo: list[int] = []
         keys = []
@@ -197,17 +214,14 @@ class RewardScorer:
                     todo.append(i)
             keys.append(key)
         if todo:
+            targets, excluded = rows if rows is not None else self.resolve_rows(items)
             emb, _ = self._queries([items[i].original_query or "" for i in todo], [items[i].reference_id for i in todo])
-            stats = self.index.rank(emb, [items[i].target_ids for i in todo], [self._excluded(items[i]) for i in todo],
-                                    chunk_elements=self.chunk_elements)
+            stats = self.index.rank_rows(emb, [targets[i] for i in todo], [excluded[i] for i in todo],
+                                         chunk_elements=self.chunk_elements)
             for j, i in enumerate(todo):
                 out[i] = int(stats.rank[j])
                 self.original_rank_cache.put(keys[i], out[i])
         return out
-
-    @staticmethod
-    def _excluded(item: RewardItem) -> list[str]:
-        return item.excluded_ids + ([item.reference_id] if item.reference_id is not None else [])
 
     def score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
         """Score a batch; every sample gets the same keys (:attr:`keys`)."""
@@ -220,19 +234,17 @@ class RewardScorer:
     def _score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
         t0 = time.perf_counter()
         hits0, misses0 = self.embedding_cache.hits, self.embedding_cache.misses
-        self.check_ids(items)
+        rows = targets, excluded = self.resolve_rows(items)  # ids looked up once: the scan takes rows
         extractions = [self.extract(item) for item in items]
         scorable = [i for i, ex in enumerate(extractions) if ex.scorable]
         if self.config.relative and any(not (it.original_query or "").strip() for it in items):
             raise ValueError("the relative reward mode needs original_query on every item")
-        originals = self.original_ranks(items)
+        originals = self.original_ranks(items, rows)
         t1 = time.perf_counter()
         emb, infos = self._queries([extractions[i].text for i in scorable], [items[i].reference_id for i in scorable])
         t2 = time.perf_counter()
-        stats = self.index.rank(emb, [items[i].target_ids for i in scorable],
-                                [self._excluded(items[i]) for i in scorable], chunk_elements=self.chunk_elements)
-        # N depends only on the targets and exclusions; unscorable items need it too.
-        n_all = [len(self.index) - len(set(it.target_ids) | set(self._excluded(it))) + 1 for it in items]
+        stats = self.index.rank_rows(emb, [targets[i] for i in scorable], [excluded[i] for i in scorable],
+                                     chunk_elements=self.chunk_elements)
         t3 = time.perf_counter()
         samples: list[dict[str, float]] = []
         where = {i: j for j, i in enumerate(scorable)}
@@ -242,8 +254,9 @@ class RewardScorer:
                                              stats.best_nontarget_sim.tolist())
         for i, ex in enumerate(extractions):
             j = where.get(i)
-            if j is None:
-                samples.append(score_sample(self.config, ex, rank=n_all[i], n=n_all[i], target_sim=0.0, mean_sim=0.0,
+            if j is None:  # N depends only on the targets and exclusions
+                n = len(self.index) - len(set(targets[i]).union(excluded[i])) + 1
+                samples.append(score_sample(self.config, ex, rank=n, n=n, target_sim=0.0, mean_sim=0.0,
                                             best_nontarget_sim=0.0, original_rank=originals[i]))
                 continue
             samples.append(score_sample(

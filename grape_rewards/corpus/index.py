@@ -184,6 +184,16 @@ class CorpusIndex:
         """Exact corpus-relative rank of each query's targets (see :func:`grape_rewards.rewards.corpus_rank`)."""
         targets = [self.rows(t) for t in target_ids]
         excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else None
+        return self.rank_rows(queries, targets, excluded, chunk_elements)
+
+    def rank_rows(
+        self,
+        queries: torch.Tensor,
+        targets: Sequence[Sequence[int]],
+        excluded: Sequence[Sequence[int]] | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> RankStats:
+        """:meth:`rank` for ids already resolved to rows (:meth:`rows`): what a caller that validated them calls."""
         return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements,
                            corpus_sum=self.column_sums)
 

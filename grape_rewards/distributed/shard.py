@@ -464,10 +464,17 @@ class ShardedIndex:
              excluded_ids: Sequence[Sequence[str]] | None = None,
              chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> RankStats:
         """Exact corpus-relative rank over all shards (the same statistics as :meth:`CorpusIndex.rank`)."""
+        targets = [self.rows(t) for t in target_ids]
+        excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else None
+        return self.rank_rows(queries, targets, excluded, chunk_elements)
+
+    def rank_rows(self, queries: torch.Tensor, targets: Sequence[Sequence[int]],
+                  excluded: Sequence[Sequence[int]] | None = None,
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> RankStats:
+        """:meth:`rank` for ids already resolved to global rows (:meth:`rows`)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(queries.shape)}")
-        targets = [self.rows(t) for t in target_ids]
-        excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else [[] for _ in targets]
+        excluded = excluded if excluded is not None else [[] for _ in targets]
         if len(targets) != queries.shape[0] or len(excluded) != len(targets):
             raise ValueError(f"got {queries.shape[0]} queries, {len(targets)} target lists and {len(excluded)} "
                              "excluded lists")
