@@ -30,6 +30,7 @@ from grape_rewards.retrievers import (
     OpenCLIPRetriever,
     Retriever,
     TextEmbedder,
+    attention,
     create_retriever,
     fuse,
     l2_normalize,
@@ -497,8 +498,11 @@ def test_minilm_ranks_by_meaning(minilm):
     assert query @ near > query @ far + 0.2
 
 
-def test_causal_transformer_equals_open_clips_masked_forward(tiny_open_clip):
-    """The flash-attention path (is_causal) is open_clip's transformer with its causal mask, block for block."""
+@pytest.mark.parametrize("backend", ["auto", "default", "flash", "math"])
+def test_causal_transformer_equals_open_clips_masked_forward(tiny_open_clip, monkeypatch, backend):
+    """The flash-attention path (is_causal) is open_clip's transformer with its causal mask, block for block, under
+    every attention kernel this CPU runs."""
+    monkeypatch.setenv(attention.ENV, backend)
     tower = openclip_module._text_tower(tiny_open_clip.model)
     assert openclip_module._plain_blocks(tower.transformer)
     x = torch.randn(3, 9, tower.transformer.width, generator=torch.Generator().manual_seed(0))
@@ -506,3 +510,35 @@ def test_causal_transformer_equals_open_clips_masked_forward(tiny_open_clip):
         want = tower.transformer(x, attn_mask=tower.attn_mask[:9, :9])
         got = openclip_module.causal_transformer(tower.transformer, x)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_attention_kernel_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    times = attention.time_backends(cpu, torch.float32, heads=2, head_dim=8, repeats=2, batch=4, length=6)
+    assert "math" in times and set(times) <= set(attention.BACKENDS)  # kernels this CPU lacks are left out
+    assert all(t > 0 for t in times.values())
+    monkeypatch.delenv(attention.ENV, raising=False)
+    assert attention.choose_backend(cpu, torch.float32, 2, 8) is None  # auto: PyTorch's own pick off the GPU
+    monkeypatch.setenv(attention.ENV, "Math")
+    assert attention.choose_backend(cpu, torch.float32, 2, 8) == "math"
+    monkeypatch.setenv(attention.ENV, "fastest")
+    with pytest.raises(ValueError, match="GRAPE_SDPA_BACKEND='fastest'.*cudnn, flash, efficient, math"):
+        attention.choose_backend(cpu, torch.float32, 2, 8)
+
+
+def test_attention_auto_measures_once_per_device_and_shape(monkeypatch):
+    """On a GPU, ``auto`` times the kernels on the first encode and keeps the fastest (faked timings here)."""
+    calls = []
+
+    def fake_times(device, dtype, heads, head_dim):
+        calls.append((heads, head_dim))
+        return {"cudnn": 3e-4, "flash": 1e-4, "math": 2e-4}
+
+    monkeypatch.setattr(attention, "time_backends", fake_times)
+    monkeypatch.setattr(attention, "_chosen", {})
+    monkeypatch.delenv(attention.ENV, raising=False)
+    gpu = torch.device("cuda", 0)
+    assert attention.choose_backend(gpu, torch.float16, 12, 64) == "flash"
+    assert attention.choose_backend(gpu, torch.float16, 12, 64) == "flash"
+    assert attention.choose_backend(gpu, torch.float16, 8, 64) == "flash"
+    assert calls == [(12, 64), (8, 64)]
