@@ -46,7 +46,7 @@ from grape_rewards.corpus import CorpusIndex
 from grape_rewards.retrievers import create_retriever
 from grape_rewards.retrievers.attention import choose_backend, time_backends
 from grape_rewards.rewards import RewardConfig
-from grape_rewards.rewards.rank_kernels import fused_available
+from grape_rewards.rewards.rank_kernels import fused_mode, probe, use_fused
 from grape_rewards.scorer import RewardItem, RewardScorer
 
 
@@ -97,7 +97,8 @@ def main() -> None:
     name = args.name or ("gpu-" + torch.cuda.get_device_name(0).split()[-1].lower() if device.type == "cuda"
                          else "gpu-bench-cpu")
     result: dict[str, Any] = {"model": args.model, "rewrites": args.rewrites, "rows": [], "service": None,
-                              "errors": [], "fused_rank": fused_available()}
+                              "errors": [], "fused_rank": use_fused(device), "fused_mode": fused_mode(),
+                              "fused_probe": probe(device) if device.type == "cuda" else None}
 
     def save() -> None:
         write_result(name, result, markdown(result, args))
@@ -268,7 +269,9 @@ def markdown(result: dict[str, Any], args: argparse.Namespace) -> str:
              f"Attention kernel used: {result.get('attention_kernel') or 'PyTorch default'}; one layer's causal "
              f"attention over all {args.rewrites} rewrites at their longest length, by kernel: "
              + (", ".join(f"{k} {v:.3f} ms" for k, v in result.get("attention_ms", {}).items()) or "n/a") + ".\n",
-             f"Rank scan: {'fused Triton max-and-count' if result.get('fused_rank') else 'torch ops'}.\n",
+             f"Rank scan: {'fused Triton max-and-count' if result.get('fused_rank') else 'torch ops'} "
+             f"(GRAPE_FUSED_RANK={result.get('fused_mode')}; the kernel's check on one 1024 x 65,536 chunk: "
+             f"{result.get('fused_probe')}).\n",
              "Targets: N = 1M step <= 25 ms on one H100; service >= 5,000 rewards/s at 256 clients; corpus "
              "2 bytes/dim/item; scoring memory bounded by the chunk.\n",
              "| N | step ms (median) | step ms (best) | rank ms (2^24 chunk) | rank ms (2^26 chunk) | arithmetic at "

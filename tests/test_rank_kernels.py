@@ -1,5 +1,6 @@
-"""The fused max-and-count kernel of the rank scan (opt-in: GRAPE_FUSED_RANK=1) equals torch, run by Triton's
-interpreter on the CPU (and natively where a GPU is present); the scan through it equals the torch scan."""
+"""The fused max-and-count kernel of the rank scan equals torch, run by Triton's interpreter on the CPU (and
+natively where a GPU is present); the scan through it equals the torch scan; ``auto`` uses it only where its check
+passed and it was faster."""
 
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ CHECK = textwrap.dedent("""
                 assert torch.equal(a, b), chunk
     finally:
         rank._use_fused = original
+
+    # The check that GRAPE_FUSED_RANK=auto runs on each GPU before using the kernel.
+    checked = rank_kernels.probe(torch.device(device), rows=3, cols=20000, repeats=1)
+    assert checked["equal"] and checked["error"] is None and checked["fused_ms"] > 0, checked
     print("ok")
 """)
 
@@ -61,3 +66,34 @@ def test_kernel_in_the_interpreter_equals_torch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the interpreter test above runs everywhere)")
 def test_kernel_on_the_gpu_equals_torch():
     exec(CHECK.format(device="cuda"), {})
+
+
+def test_modes_and_auto_uses_the_kernel_only_where_it_checked_equal_and_faster(monkeypatch):
+    from grape_rewards.rewards import rank_kernels
+
+    for value, mode in [("", "auto"), ("AUTO", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("false", "off")]:
+        monkeypatch.setenv(rank_kernels.ENV, value)
+        assert rank_kernels.fused_mode() == mode
+    monkeypatch.setenv(rank_kernels.ENV, "yes please")
+    with pytest.raises(ValueError, match="GRAPE_FUSED_RANK='yes please'"):
+        rank_kernels.fused_mode()
+
+    monkeypatch.setenv(rank_kernels.ENV, "1")
+    assert not rank_kernels.use_fused(torch.device("cpu"))  # never off the GPU
+    probes = {"cuda:0": {"equal": True, "fused_ms": 0.07, "torch_ms": 0.57, "error": None},
+              "cuda:1": {"equal": False, "fused_ms": 0.07, "torch_ms": 0.57, "error": None},
+              "cuda:2": {"equal": True, "fused_ms": 0.9, "torch_ms": 0.57, "error": None}}
+    calls = []
+
+    def fake_probe(device):
+        calls.append(str(device))
+        return probes[str(device)]
+
+    monkeypatch.setattr(rank_kernels, "probe", fake_probe)
+    monkeypatch.setattr(rank_kernels, "_checked", {})
+    monkeypatch.setenv(rank_kernels.ENV, "auto")
+    used = {d: rank_kernels.use_fused(torch.device(d)) for d in probes}
+    assert used == {"cuda:0": True, "cuda:1": False, "cuda:2": False}
+    assert rank_kernels.use_fused(torch.device("cuda:0")) and calls == list(probes)  # checked once per device
+    monkeypatch.setenv(rank_kernels.ENV, "0")
+    assert not rank_kernels.use_fused(torch.device("cuda:0"))

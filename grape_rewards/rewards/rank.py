@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rank_kernels import fused_available, row_max_count
+from .rank_kernels import row_max_count, use_fused
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 """Upper bound on query x corpus scores held at once on the CPU (64 MiB of float32)."""
@@ -163,8 +163,8 @@ def target_scores(queries: torch.Tensor, corpus: torch.Tensor, targets: Sequence
 
 
 def _use_fused(corpus: torch.Tensor) -> bool:
-    """Whether the scan of ``corpus`` takes the fused max-and-count kernel (a CUDA corpus, Triton installed)."""
-    return corpus.is_cuda and fused_available()
+    """Whether the scan of ``corpus`` takes the fused max-and-count kernel (:func:`~.rank_kernels.use_fused`)."""
+    return use_fused(corpus.device)
 
 
 def column_sums(corpus: torch.Tensor) -> torch.Tensor:

@@ -2,21 +2,29 @@
 
 The scan of a score chunk needs, per query row, ``max(scores)`` and ``count(scores > threshold)``. In torch that
 is ``amax`` plus an in-place ``gt_`` and a ``sum``: three reads and a write of the chunk (1024 x 65,536 float32
-= 256 MiB). :func:`row_max_count` reads it once (Triton), which on an H200 is the difference between ~0.4 ms and
-~0.07 ms per chunk. Both results are exact (the same float32 comparisons).
+= 256 MiB; 0.57 ms per chunk on an H200, 9 ms of a 1M-item scan). :func:`row_max_count` reads it once (Triton).
+Both results are exact (the same float32 comparisons), so they must be equal bit for bit.
 
-Opt-in for now: ``GRAPE_FUSED_RANK=1`` turns it on (:func:`fused_available`). It is tested against torch in
-Triton's interpreter (Triton 3.6 and 3.8) on the CPU, but has not yet run on a GPU: ``benchmarks/gpu.sh`` tests
-it natively first and benchmarks with it only if that test passes. Without it, the scan uses torch ops.
+``GRAPE_FUSED_RANK`` chooses: ``auto`` (the default) checks the kernel on each GPU the first time a scan runs
+there (:func:`probe`: a chunk-sized problem with masked entries and ties, results compared with torch's exactly,
+both timed) and uses it only if it is equal and faster; ``1`` uses it without the check, ``0`` never. Off the GPU,
+or without Triton, the scan uses torch ops. The kernel is tested against torch in Triton's interpreter on the CPU
+(Triton 3.6 and 3.8); ``benchmarks/gpu.sh`` tests it natively.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SEGMENT = 16_384
 """Columns per program: a row is split in segments so that a few queries still fill the GPU."""
@@ -51,17 +59,85 @@ def _kernel() -> Any:
     return row_max_count_kernel
 
 
+ENV = "GRAPE_FUSED_RANK"
+
+
+def fused_mode() -> str:
+    """``GRAPE_FUSED_RANK`` read as ``auto``, ``on`` or ``off``."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    modes = {"auto": "auto", "1": "on", "on": "on", "true": "on", "0": "off", "off": "off", "false": "off"}
+    if value not in modes:
+        raise ValueError(f"{ENV}={value!r}: choose auto (check, then use if equal and faster), 1 or 0")
+    return modes[value]
+
+
 @functools.cache
-def fused_available() -> bool:
-    """Whether the scan uses :func:`row_max_count`: switched on with ``GRAPE_FUSED_RANK=1``, Triton importable and a
-    CUDA device present."""
-    if os.environ.get("GRAPE_FUSED_RANK", "0") != "1" or not torch.cuda.is_available():
-        return False
+def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+_checked: dict[str, bool] = {}
+"""Per device: whether :func:`probe` found the kernel equal to torch and faster."""
+
+
+def use_fused(device: torch.device) -> bool:
+    """Whether scans on ``device`` take :func:`row_max_count` (see the module's docstring)."""
+    if device.type != "cuda" or not triton_importable():
+        return False
+    mode = fused_mode()
+    if mode != "auto":
+        return mode == "on"
+    key = f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+    if key not in _checked:
+        result = probe(torch.device(key))
+        _checked[key] = bool(result["equal"] and result["fused_ms"] < result["torch_ms"])
+        log = logger.info if result["equal"] else logger.warning
+        log("fused rank kernel on %s: %s (%s)", key, "used" if _checked[key] else "not used", result)
+    return _checked[key]
+
+
+def probe(device: torch.device, rows: int = 1024, cols: int = 65_536, repeats: int = 5) -> dict[str, Any]:
+    """Run :func:`row_max_count` and the torch ops on one random score chunk: ``equal`` (bit for bit), and the
+    median ms of each (``fused_ms``, ``torch_ms``); ``error`` says why the kernel did not run, if it did not."""
+    g = torch.Generator(device=device).manual_seed(0)
+    scores = torch.randn(rows, cols, device=device, generator=g)
+    threshold = torch.randn(rows, device=device, generator=g)
+    scores[:, :7] = float("-inf")  # masked pairs
+    scores[:, 7] = threshold  # ties: not above
+    if rows:
+        threshold[-1] = float("-inf")  # everything finite is above
+    out: dict[str, Any] = {"equal": False, "fused_ms": float("inf"), "torch_ms": float("inf"), "error": None}
+
+    def torch_ops() -> tuple[torch.Tensor, torch.Tensor]:
+        return scores.amax(1), (scores > threshold[:, None]).sum(1)
+
+    want = torch_ops()
+    try:
+        got = row_max_count(scores, threshold)
+    except Exception as exc:  # no compiler for this GPU, an old Triton, ...: the torch path is always there
+        out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return out
+    out["equal"] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+    out["fused_ms"] = _median_ms(lambda: row_max_count(scores, threshold), device, repeats)
+    out["torch_ms"] = _median_ms(torch_ops, device, repeats)
+    return out
+
+
+def _median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def row_max_count(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
