@@ -19,7 +19,7 @@ from .retrievers.base import Retriever, TextInfo
 from .rewards.composite import sample_keys, score_sample
 from .rewards.config import RewardConfig
 from .rewards.format import Extraction, extract_rewrite
-from .rewards.rank import default_chunk_elements
+from .rewards.rank import default_chunk_elements, to_device
 
 
 class RewardItem(BaseModel):
@@ -174,8 +174,9 @@ class RewardScorer:
                     self.embedding_cache.put((fp, text), (row, info))
         if not hits:  # all new (the usual GRPO case with distinct rewrites): one gather, no per-row tensors
             rows = [missing[k[1]] for k in keys]
-            emb = new_emb if rows == list(range(len(new_emb))) else new_emb[torch.tensor(rows, device=new_emb.device)]
-            return emb, [new_infos[r] for r in rows]
+            if rows != list(range(len(new_emb))):  # repeated texts: gather (indices sent without a GPU sync)
+                new_emb = new_emb[to_device(torch.tensor(rows), new_emb.device)]
+            return new_emb, [new_infos[r] for r in rows]
         entries = [hits[k] if k in hits else (new_emb[missing[k[1]]], new_infos[missing[k[1]]]) for k in keys]
         return torch.stack([e for e, _ in entries]), [i for _, i in entries]
 

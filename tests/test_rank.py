@@ -198,3 +198,27 @@ def test_scan_counts_with_no_threshold_counts_every_unmasked_item_once():
     keep[2, [49, 3]] = False
     assert torch.allclose(computed.total, (want * keep).sum(1), atol=1e-9)
     assert computed.count_above.tolist() == ((want > 0) & keep).sum(1).tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with a GPU")
+def test_the_device_part_of_a_rank_never_waits_for_the_gpu():
+    """Target scores and the whole chunked scan queue on the GPU without a single sync (no copy from pageable memory,
+    no .item(), no scalar sent per chunk); results come back in one place at the end."""
+    from grape_rewards.rewards import rank as rank_module
+
+    g = torch.Generator().manual_seed(0)
+    corpus = torch.nn.functional.normalize(torch.randn(5000, 32, generator=g), dim=1).half().cuda()
+    q = torch.nn.functional.normalize(torch.randn(16, 32, generator=g), dim=1).cuda()
+    targets = [[i, 4999 - i] for i in range(16)]
+    masked = [[*t, 7] for t in targets]
+    scan = rank_module._ScanPlan.make(16, corpus, masked, chunk_elements=16 * 700)  # 8 chunks
+    tq, tr = rank_module.to_device(rank_module._pairs(targets, 16, 5000, "targets"), corpus.device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        thresholds = rank_module._best_target_scores(q, corpus, tq, tr)
+        out = rank_module._scan_on_device(q, corpus, thresholds, scan, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = corpus_rank(q, corpus, targets, [[7]] * 16)  # the same parts, through the public function
+    assert torch.equal(out[0].cpu() + 1, want.rank) and torch.equal(thresholds.cpu(), want.target_sim)

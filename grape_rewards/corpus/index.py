@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank, to_device
 from .files import sha256_file
 
 INDEX_FORMAT = "grape-rewards-index"
@@ -172,7 +172,7 @@ class CorpusIndex:
 
     def vectors(self, ids: Sequence[str]) -> torch.Tensor:
         """The (float32) embeddings of ``ids``, e.g. CIRR's reference images for composed queries."""
-        return self.embeddings[self.rows(ids)].to(torch.float32)
+        return self.embeddings[to_device(torch.tensor(self.rows(ids), dtype=torch.long), self.device)].to(torch.float32)
 
     def rank(
         self,

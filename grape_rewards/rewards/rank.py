@@ -153,13 +153,29 @@ def target_scores(queries: torch.Tensor, corpus: torch.Tensor, targets: Sequence
     [1.0]
     """
     _check_inputs(queries, corpus)
-    device = corpus.device
-    q = queries.to(device=device, dtype=torch.float32)
-    tq, tr = _pairs(targets, q.shape[0], corpus.shape[0], "targets").to(device)
-    best = torch.full((q.shape[0],), float("-inf"), device=device)
+    q = queries.to(device=corpus.device, dtype=torch.float32)
+    tq, tr = to_device(_pairs(targets, q.shape[0], corpus.shape[0], "targets"), corpus.device)
+    return _best_target_scores(q, corpus, tq, tr).cpu()
+
+
+def _best_target_scores(q: torch.Tensor, corpus: torch.Tensor, tq: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
+    """Device part of :func:`target_scores`: (query, row) pairs already on the corpus' device; stays there."""
+    best = torch.full((q.shape[0],), float("-inf"), device=corpus.device)
     if tq.numel():
         best.scatter_reduce_(0, tq, pair_scores(q[tq], corpus[tr]), reduce="amax")
-    return best.cpu()
+    return best
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, without making the host wait for the GPU.
+
+    A plain ``.to("cuda")`` from pageable memory waits until every kernel queued before it has run, which in a
+    scan would stall the host once per copy (PyTorch's caching host allocator keeps the pinned buffer alive until
+    the copy is done).
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _use_fused(corpus: torch.Tensor) -> bool:
@@ -196,33 +212,67 @@ def scan_counts(
         corpus_sum: :func:`column_sums` of ``corpus`` when the caller keeps it (an index does); else computed.
     """
     _check_inputs(queries, corpus)
-    device = corpus.device
-    num_queries, num_items = queries.shape[0], corpus.shape[0]
-    q = queries.to(device=device, dtype=torch.float32)
-    threshold = thresholds.to(device=device, dtype=torch.float32)[:, None]
-    # Masked (query, row) pairs, deduplicated (a row that is a target and excluded is left out once) and sorted by
-    # row, so that each chunk's pairs are a slice found on the host: no device sync inside the loop.
-    pairs = _pairs(masked, num_queries, num_items, "masked rows")
-    keys = torch.unique(pairs[1] * num_queries + pairs[0])  # sorted by row, then query
-    mr_host = keys // num_queries
-    mq, mr = (keys % num_queries).to(device), mr_host.to(device)
+    scan = _ScanPlan.make(queries.shape[0], corpus, masked, chunk_elements)
+    q = queries.to(device=corpus.device)
+    count_above, total, best = _scan_on_device(q, corpus, to_device(thresholds, corpus.device), scan, corpus_sum)
+    return ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
 
-    q64 = queries.to(device=device, dtype=torch.float64)
+
+@dataclass(frozen=True)
+class _ScanPlan:
+    """What the host works out before a scan: masked pairs (on the device) and where each chunk's pairs start."""
+
+    mq: torch.Tensor
+    mr: torch.Tensor
+    """Masked (query, row) pairs, deduplicated and sorted by row (on the corpus' device)."""
+    starts: list[int]
+    """First corpus row of each chunk."""
+    step: int
+    bounds: list[int]
+    """Chunk ``k``'s masked pairs are ``mq[bounds[k]:bounds[k + 1]]``."""
+    n_others: torch.Tensor
+    """Per query, the items of this corpus not masked for it (on the CPU)."""
+
+    @classmethod
+    def make(cls, num_queries: int, corpus: torch.Tensor, masked: Sequence[Sequence[int]],
+             chunk_elements: int) -> _ScanPlan:
+        num_items = corpus.shape[0]
+        # A row that is a target and excluded is left out once; sorted by row, each chunk's pairs are a slice found
+        # here, so the device loop never waits for the host.
+        pairs = _pairs(masked, num_queries, num_items, "masked rows")
+        keys = torch.unique(pairs[1] * num_queries + pairs[0])  # sorted by row, then query
+        rows, queries = keys // num_queries, keys % num_queries
+        step = chunk_rows(num_queries, chunk_elements)
+        starts = list(range(0, num_items, step))
+        bounds = torch.searchsorted(rows, torch.tensor([*starts, num_items])).tolist()
+        mq, mr = to_device(torch.stack([queries, rows]), corpus.device)
+        return cls(mq, mr, starts, step, bounds, num_items - torch.bincount(queries, minlength=num_queries))
+
+
+def _scan_on_device(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
+                    corpus_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scan itself: only device work (no copy to or from the host, no sync), so the host queues it and moves on.
+
+    Returns per query, on the device: the count above the threshold, the float64 summed score, the best score.
+    """
+    device = corpus.device
+    num_queries = q.shape[0]
+    mq, mr = scan.mq, scan.mr
+    threshold = thresholds.to(torch.float32)[:, None]
+    q64 = q.to(torch.float64)
     total = q64 @ (corpus_sum if corpus_sum is not None else column_sums(corpus)).to(device)
     total.index_add_(0, mq, (q64[mq] * corpus[mr].to(torch.float64)).sum(1), alpha=-1)
-
+    q = q.to(torch.float32)
     count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
     best = torch.full((num_queries,), float("-inf"), device=device)
-    step = chunk_rows(num_queries, chunk_elements)
-    starts = list(range(0, num_items, step))
-    bounds = torch.searchsorted(mr_host, torch.tensor([*starts, num_items])).tolist()
-    count_dtype = torch.float32 if step <= 1 << 24 else torch.float64  # 0/1 sums stay exact integers
+    masked_score = torch.full((), float("-inf"), device=device)  # a device scalar: a Python float would be copied
+    count_dtype = torch.float32 if scan.step <= 1 << 24 else torch.float64  # 0/1 sums stay exact integers
     fused = _use_fused(corpus)
-    for k, start in enumerate(starts):
-        scores = score_block(q, corpus[start:start + step])
-        lo, hi = bounds[k], bounds[k + 1]
+    for k, start in enumerate(scan.starts):
+        scores = score_block(q, corpus[start:start + scan.step])
+        lo, hi = scan.bounds[k], scan.bounds[k + 1]
         if hi > lo:  # leave the masked pairs out
-            scores[mq[lo:hi], mr[lo:hi] - start] = float("-inf")
+            scores.index_put_((mq[lo:hi], mr[lo:hi] - start), masked_score)
         if fused:  # max and count in one read of the chunk (Triton)
             chunk_best, chunk_count = row_max_count(scores, threshold)
             best = torch.maximum(best, chunk_best)
@@ -232,8 +282,7 @@ def scan_counts(
         # In place, no second chunk-sized allocation: the scores become 1.0 above the threshold, else 0.0. Summing
         # floats is also faster than summing a bool temporary (measured on an H200: 0.31 vs 0.52 ms per 2^26).
         count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
-    n_others = num_items - torch.bincount(mq, minlength=num_queries)
-    return ScanCounts(count_above.cpu(), total.cpu(), n_others.cpu(), best.cpu())
+    return count_above, total, best
 
 
 def finish_rank(counts: ScanCounts, target_sim: torch.Tensor) -> RankStats:
@@ -280,7 +329,14 @@ def corpus_rank(
     excluded = excluded if excluded is not None else [[] for _ in targets]
     if len(excluded) != len(targets):
         raise ValueError(f"excluded: got {len(excluded)} lists for {len(targets)} queries")
-    thresholds = target_scores(queries, corpus, targets)
+    # Everything the host works out comes first; then the device runs target scores and scan back to back, with
+    # one copy of the results at the end (no round trip in between).
+    num_queries = queries.shape[0]
     masked = [list(t) + list(e) for t, e in zip(targets, excluded)]
-    counts = scan_counts(queries, corpus, thresholds, masked, chunk_elements, corpus_sum)
-    return finish_rank(counts, thresholds)
+    scan = _ScanPlan.make(num_queries, corpus, masked, chunk_elements)
+    tq, tr = to_device(_pairs(targets, num_queries, corpus.shape[0], "targets"), corpus.device)
+    q = queries.to(device=corpus.device)
+    thresholds = _best_target_scores(q.to(torch.float32), corpus, tq, tr)
+    count_above, total, best = _scan_on_device(q, corpus, thresholds, scan, corpus_sum)
+    counts = ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
+    return finish_rank(counts, thresholds.cpu())
