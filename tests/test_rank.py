@@ -204,6 +204,7 @@ def test_scan_counts_with_no_threshold_counts_every_unmasked_item_once():
 def test_the_device_part_of_a_rank_never_waits_for_the_gpu():
     """Target scores and the whole chunked scan queue on the GPU without a single sync (no copy from pageable memory,
     no .item(), no scalar sent per chunk); results come back in one place at the end."""
+    from grape_rewards.devices import to_device
     from grape_rewards.rewards import rank as rank_module
 
     g = torch.Generator().manual_seed(0)
@@ -212,7 +213,7 @@ def test_the_device_part_of_a_rank_never_waits_for_the_gpu():
     targets = [[i, 4999 - i] for i in range(16)]
     masked = [[*t, 7] for t in targets]
     scan = rank_module._ScanPlan.make(16, corpus, masked, chunk_elements=16 * 700)  # 8 chunks
-    tq, tr = rank_module.to_device(rank_module._pairs(targets, 16, 5000, "targets"), corpus.device)
+    tq, tr = to_device(rank_module._pairs(targets, 16, 5000, "targets"), corpus.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank, to_device
+from ..devices import to_device
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
 from .files import sha256_file
 
 INDEX_FORMAT = "grape-rewards-index"

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..devices import to_device
 from .attention import attention_backend
 from .base import (
     ImageInput,
@@ -150,7 +151,7 @@ class OpenCLIPRetriever(Retriever):
         lengths = (positions * (tokens != 0)).amax(1) if trim else torch.full((n,), tokens.shape[1])
         order = torch.argsort(lengths, stable=True) if trim else torch.arange(n)
         widths = lengths[order].tolist()
-        tokens_dev, order_dev = tokens.to(self.device), order.to(self.device)
+        tokens_dev, order_dev = to_device(tokens, self.device), to_device(order, self.device)
         chunks = []
         for span in batched(range(n), batch_size):  # (batched checks batch_size)
             start, end = span[0], span[-1] + 1

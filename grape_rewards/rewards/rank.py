@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import to_device
 from .rank_kernels import row_max_count, use_fused
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -164,18 +165,6 @@ def _best_target_scores(q: torch.Tensor, corpus: torch.Tensor, tq: torch.Tensor,
     if tq.numel():
         best.scatter_reduce_(0, tq, pair_scores(q[tq], corpus[tr]), reduce="amax")
     return best
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``; to a GPU through pinned memory, without making the host wait for the GPU.
-
-    A plain ``.to("cuda")`` from pageable memory waits until every kernel queued before it has run, which in a
-    scan would stall the host once per copy (PyTorch's caching host allocator keeps the pinned buffer alive until
-    the copy is done).
-    """
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _use_fused(corpus: torch.Tensor) -> bool:
