@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,13 @@ def test_item_fields_from_every_label_form() -> None:
             _common.item_fields(bad, "a")
 
 
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_thread_batcher_batches_concurrent_calls() -> None:
     started = threading.Event()
     release = threading.Event()
@@ -206,7 +214,7 @@ def test_thread_batcher_batches_concurrent_calls() -> None:
     others = [threading.Thread(target=call, args=(i,)) for i in range(1, 9)]
     for t in others:
         t.start()
-    time.sleep(0.2)
+    _wait_for(lambda: len(batcher._queue) == 8)  # all 8 queued behind the running batch
     release.set()
     for t in [first, *others]:
         t.join(10)
@@ -233,7 +241,7 @@ def test_thread_batcher_isolates_a_failing_call() -> None:
     threads = [threading.Thread(target=call, args=("good", [1, 2])), threading.Thread(target=call, args=("bad", [-1]))]
     for t in threads:
         t.start()
-    time.sleep(0.2)
+    _wait_for(lambda: len(batcher._queue) == 2)
     with batcher._cond:
         batcher._busy = False
         batcher._cond.notify_all()

@@ -449,7 +449,10 @@ def test_ready_turns_false_first_while_accepted_requests_finish(scorer: RewardSc
         worker = threading.Thread(target=lambda: result.update(r=httpx.post(srv.url + "/v1/rewards",
                                                                              json={"items": items}, timeout=60)))
         worker.start()
-        time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while app.state.service.metrics.requests_in_progress == 0:  # accepted before the drain begins
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         app.state.service.begin_drain()
         r = http.get("/ready")
         assert r.status_code == 503 and "draining" in r.json()["reason"] and r.headers["retry-after"] == "1"
