@@ -202,9 +202,7 @@ def scan_counts(
     """
     _check_inputs(queries, corpus)
     scan = _ScanPlan.make(queries.shape[0], corpus, masked, chunk_elements)
-    q = queries.to(device=corpus.device)
-    count_above, total, best = _scan_on_device(q, corpus, to_device(thresholds, corpus.device), scan, corpus_sum)
-    return ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
+    return _scan(queries.to(device=corpus.device), corpus, to_device(thresholds, corpus.device), scan, corpus_sum)
 
 
 @dataclass(frozen=True)
@@ -236,6 +234,13 @@ class _ScanPlan:
         bounds = torch.searchsorted(rows, torch.tensor([*starts, num_items])).tolist()
         mq, mr = to_device(torch.stack([queries, rows]), corpus.device)
         return cls(mq, mr, starts, step, bounds, num_items - torch.bincount(queries, minlength=num_queries))
+
+
+def _scan(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
+          corpus_sum: torch.Tensor | None) -> ScanCounts:
+    """:func:`_scan_on_device`, then its results to the host (the one wait for the device)."""
+    count_above, total, best = _scan_on_device(q, corpus, thresholds, scan, corpus_sum)
+    return ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
 
 
 def _scan_on_device(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
@@ -318,14 +323,12 @@ def corpus_rank(
     excluded = excluded if excluded is not None else [[] for _ in targets]
     if len(excluded) != len(targets):
         raise ValueError(f"excluded: got {len(excluded)} lists for {len(targets)} queries")
-    # Everything the host works out comes first; then the device runs target scores and scan back to back, with
-    # one copy of the results at the end (no round trip in between).
+    # Everything the host works out comes first; then the device runs target scores and scan back to back, and the
+    # results come back at the end (no round trip in between).
     num_queries = queries.shape[0]
     masked = [list(t) + list(e) for t, e in zip(targets, excluded)]
     scan = _ScanPlan.make(num_queries, corpus, masked, chunk_elements)
     tq, tr = to_device(_pairs(targets, num_queries, corpus.shape[0], "targets"), corpus.device)
     q = queries.to(device=corpus.device)
     thresholds = _best_target_scores(q.to(torch.float32), corpus, tq, tr)
-    count_above, total, best = _scan_on_device(q, corpus, thresholds, scan, corpus_sum)
-    counts = ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
-    return finish_rank(counts, thresholds.cpu())
+    return finish_rank(_scan(q, corpus, thresholds, scan, corpus_sum), thresholds.cpu())
