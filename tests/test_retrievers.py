@@ -36,6 +36,7 @@ from grape_rewards.retrievers import (
     l2_normalize,
     parse_spec,
 )
+from grape_rewards.retrievers import base as base_module
 from grape_rewards.retrievers import factory as factory_module
 from grape_rewards.retrievers import openclip as openclip_module
 
@@ -272,14 +273,42 @@ def test_open_clip_pad_free_equals_padded_property(tiny_open_clip, padded_open_c
     assert torch.allclose(pad_free, padded_open_clip.encode_texts(texts, batch_size=batch_size), atol=1e-5)
 
 
+@pytest.mark.parametrize("max_padding", [base_module.MAX_PADDING, 1.0])
 @pytest.mark.parametrize("kind", ["hf_clip", "chinese_clip", "text_encoder"])
-def test_hf_batch_padding_equals_one_at_a_time(load, kind):
+def test_hf_batch_padding_equals_one_at_a_time(load, kind, max_padding, monkeypatch):
     r = load(kind)
-    batched = r.encode_texts(TEXTS, batch_size=len(TEXTS))
+    groups: list[list[int]] = []
+    real = base_module.length_groups
+
+    def spy(lengths, max_size):
+        found = real(lengths, max_size, max_padding)
+        groups.extend(found)
+        return found
+
+    monkeypatch.setattr(base_module, "length_groups", spy)
+    batched, infos = r.encode_texts_with_info(TEXTS, batch_size=len(TEXTS))
+    monkeypatch.undo()
     single = torch.cat([r.encode_texts([t]) for t in TEXTS])
     assert torch.allclose(batched, single, atol=1e-5)
-    lengths = [i.num_tokens for i in r.text_info(TEXTS)]
-    assert len(set(lengths)) > 2  # the batch really was padded
+    assert infos == r.text_info(TEXTS)
+    lengths = [i.num_tokens for i in infos]
+    assert len(set(lengths)) > 2
+    if max_padding == 1.0:  # one batch padded to the longest text
+        assert groups == [sorted(range(len(TEXTS)), key=lengths.__getitem__)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.integers(1, 80), max_size=60), max_size=st.integers(1, 70),
+       max_padding=st.sampled_from([0.0, 0.1, 0.15, 0.5, 1.0]))
+def test_length_groups_cover_every_text_once_and_pad_little(lengths, max_size, max_padding):
+    groups = base_module.length_groups(lengths, max_size, max_padding)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert 1 <= len(g) <= max_size
+        longest = max(lengths[i] for i in g)
+        assert len(g) == 1 or len(g) * longest - sum(lengths[i] for i in g) <= max_padding * len(g) * longest + 1e-9
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(flat)  # shortest first: the next group starts where the last one stopped
 
 
 # --- composed retrieval -----------------------------------------------------------------------------------------

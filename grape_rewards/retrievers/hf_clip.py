@@ -13,12 +13,13 @@ from .base import (
     TextInfo,
     batched,
     cast_model,
-    encode_in_length_order,
+    encode_in_length_groups,
     l2_normalize,
     load_image,
     model_fingerprint,
     resolve_device,
     resolve_dtype,
+    tokenize_once,
     tokenizer_text_info,
     warn_random_init,
 )
@@ -82,14 +83,20 @@ class HFCLIPRetriever(Retriever):
     def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
         return tokenizer_text_info(self.tokenizer, texts, self.max_text_tokens)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        return encode_in_length_order(texts, batch_size, self.dim, self.device, self._encode_batch)
+        return self.encode_texts_with_info(texts, batch_size)[0]
 
-    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+    @torch.no_grad()
+    def encode_texts_with_info(self, texts: Sequence[str],
+                               batch_size: int = 256) -> tuple[torch.Tensor, list[TextInfo]]:
+        """Tokenize once, then encode in batches of similar length (padding is masked out of the result)."""
+        ids, infos = tokenize_once(self.tokenizer, texts, self.max_text_tokens)
+        return encode_in_length_groups(ids, batch_size, self.dim, self.device, self._encode_batch), infos
+
+    def _encode_batch(self, ids: list[Sequence[int]]) -> torch.Tensor:
         full = self._model_type in _PAD_TO_MAX_LENGTH
-        enc = self.tokenizer(texts, padding="max_length" if full else True, truncation=True,
-                             max_length=self.max_text_tokens, return_tensors="pt").to(self.device)
+        padding = {"padding": "max_length", "max_length": self.max_text_tokens} if full else {}
+        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", **padding).to(self.device)
         if full:
             enc.pop("attention_mask", None)
         return _features(self.model.get_text_features(**enc))

@@ -15,10 +15,11 @@ from .base import (
     Retriever,
     TextInfo,
     cast_model,
-    encode_in_length_order,
+    encode_in_length_groups,
     model_fingerprint,
     resolve_device,
     resolve_dtype,
+    tokenize_once,
     tokenizer_text_info,
     warn_random_init,
 )
@@ -71,14 +72,19 @@ class TextEmbedder(Retriever):
     def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
         return tokenizer_text_info(self.tokenizer, texts, self.max_text_tokens)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        # Batches of similar length pad little; mean pooling over the attention mask makes it exact.
-        return encode_in_length_order(texts, batch_size, self.dim, self.device, self._encode_batch)
+        return self.encode_texts_with_info(texts, batch_size)[0]
 
-    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens,
-                             return_tensors="pt").to(self.device)
+    @torch.no_grad()
+    def encode_texts_with_info(self, texts: Sequence[str],
+                               batch_size: int = 256) -> tuple[torch.Tensor, list[TextInfo]]:
+        """Tokenize once; batches of similar length pad little, and mean pooling over the attention mask makes the
+        result the same as one padded batch."""
+        ids, infos = tokenize_once(self.tokenizer, texts, self.max_text_tokens)
+        return encode_in_length_groups(ids, batch_size, self.dim, self.device, self._encode_batch), infos
+
+    def _encode_batch(self, ids: list[Sequence[int]]) -> torch.Tensor:
+        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         hidden = self.model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
