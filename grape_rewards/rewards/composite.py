@@ -7,6 +7,7 @@ from .format import Extraction
 from .shapes import rank_reward
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
+_RECALL_KEYS = tuple((k, f"recall_at_{k}") for k in RECALL_KS)
 
 
 def sample_keys(config: RewardConfig) -> tuple[str, ...]:
@@ -51,7 +52,8 @@ def score_sample(
     fmt = config.format
     if config.relative and original_rank is None:
         raise ValueError("the relative reward needs the original query's rank")
-    if not extraction.scorable:
+    scorable = extraction.scorable
+    if not scorable:
         rank, target_sim, mean_sim, best_nontarget_sim, num_tokens, truncated = n, 0.0, 0.0, 0.0, 0, False
     part_rank = rank_reward(rank, n, config.shape, config.k)
     if config.relative:
@@ -59,7 +61,7 @@ def score_sample(
         part_rank -= rank_reward(original_rank, n, config.shape, config.k)
     part_format = 1.0 if extraction.ok else 0.0
     w = config.weights
-    if extraction.scorable:
+    if scorable:
         reward = w["rank"] * part_rank + w["similarity"] * target_sim + w["format"] * part_format
         if extraction.status == "overlong":
             reward -= fmt.overlong_penalty
@@ -75,17 +77,15 @@ def score_sample(
         "rank": float(rank),
         "n": float(n),
     }
-    for k in RECALL_KS:
-        out[f"recall_at_{k}"] = 1.0 if extraction.scorable and rank <= k else 0.0
-    out.update(
-        target_sim=float(target_sim),
-        mean_sim=float(mean_sim),
-        best_nontarget_sim=float(best_nontarget_sim),
-        margin=float(target_sim - best_nontarget_sim),
-        format_ok=part_format,
-        truncated=1.0 if truncated else 0.0,
-        num_tokens=float(num_tokens),
-    )
+    for k, key in _RECALL_KEYS:
+        out[key] = 1.0 if scorable and rank <= k else 0.0
+    out["target_sim"] = float(target_sim)
+    out["mean_sim"] = float(mean_sim)
+    out["best_nontarget_sim"] = float(best_nontarget_sim)
+    out["margin"] = float(target_sim - best_nontarget_sim)
+    out["format_ok"] = part_format
+    out["truncated"] = 1.0 if truncated else 0.0
+    out["num_tokens"] = float(num_tokens)
     if config.relative:
         out["original_rank"] = float(original_rank)  # type: ignore[arg-type]
     return out
