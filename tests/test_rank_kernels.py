@@ -97,3 +97,13 @@ def test_modes_and_auto_uses_the_kernel_only_where_it_checked_equal_and_faster(m
     assert rank_kernels.use_fused(torch.device("cuda:0")) and calls == list(probes)  # checked once per device
     monkeypatch.setenv(rank_kernels.ENV, "0")
     assert not rank_kernels.use_fused(torch.device("cuda:0"))
+
+
+def test_probe_reports_a_kernel_that_cannot_run_instead_of_raising():
+    """Compiled Triton cannot run on CPU tensors (no interpreter in this process): the check says why, and auto
+    would keep the torch path."""
+    from grape_rewards.rewards import rank_kernels
+
+    checked = rank_kernels.probe(torch.device("cpu"), rows=4, cols=100, repeats=1)
+    assert checked["equal"] is False and checked["error"], checked
+    assert "TRITON_INTERPRET" not in os.environ

@@ -19,6 +19,7 @@ import logging
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -55,23 +56,25 @@ def time_backends(device: torch.device, dtype: torch.dtype, heads: int, head_dim
     q, k and v are views of one packed projection, as in the text towers. Kernels that cannot run the problem on
     this device are left out.
     """
-    qkv = torch.randn(batch, length, 3, heads, head_dim, device=device, dtype=dtype)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)
     times: dict[str, float] = {}
-    for name, backend in BACKENDS.items():
-        try:
-            with sdpa_kernel([backend]):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # warm-up, or unsupported
-                runs = []
-                for _ in range(repeats):
-                    _synchronize(device)
-                    start = time.perf_counter()
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-                    _synchronize(device)
-                    runs.append(time.perf_counter() - start)
-        except RuntimeError:  # "no available kernel" for this device, dtype or shape
-            continue
-        times[name] = statistics.median(runs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each kernel that cannot run the problem says why; only the timings matter
+        qkv = torch.randn(batch, length, 3, heads, head_dim, device=device, dtype=dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        for name, backend in BACKENDS.items():
+            try:
+                with sdpa_kernel([backend]):
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # warm-up, or refused
+                    runs = []
+                    for _ in range(repeats):
+                        _synchronize(device)
+                        start = time.perf_counter()
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                        _synchronize(device)
+                        runs.append(time.perf_counter() - start)
+            except Exception:  # "no available kernel" for this device, dtype or shape (or any other refusal)
+                continue
+            times[name] = statistics.median(runs)
     return times
 
 
@@ -99,10 +102,16 @@ def choose_backend(device: torch.device, dtype: torch.dtype, heads: int, head_di
 
 @contextlib.contextmanager
 def attention_backend(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> Iterator[str | None]:
-    """Run the block under the kernel :func:`choose_backend` picks (and yield its name)."""
+    """Run the block with the kernel :func:`choose_backend` picks first (and yield its name); where that kernel
+    cannot run an input (a shape the probe did not have), PyTorch falls back to the others in its usual order."""
     name = choose_backend(device, dtype, heads, head_dim)
     if name is None:
         yield None
         return
-    with sdpa_kernel([BACKENDS[name]]):
+    chosen = BACKENDS[name]
+    try:
+        context = sdpa_kernel([chosen, *(b for b in BACKENDS.values() if b != chosen)], set_priority=True)
+    except TypeError:  # torch < 2.6 has no priority order: the chosen kernel alone
+        context = sdpa_kernel([chosen])
+    with context:
         yield name
