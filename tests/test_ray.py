@@ -321,7 +321,9 @@ def test_a_replica_that_dies_is_replaced_and_retried_requests_succeed(service: R
             await asyncio.gather(*pending)
 
     asyncio.run(run())
-    assert answers == _expected_rewards(reference, workload, sorted(answers)) and len(answers) == 48
+    expected = _expected_rewards(reference, workload, sorted(answers))
+    wrong = {i: (answers[i], expected[i]) for i in answers if answers[i] != expected[i]}
+    assert not wrong and len(answers) == 48, f"{len(answers)} answers; (service, in-process) where they differ: {wrong}"
     deadline = time.monotonic() + 90
     while True:
         after = _replica_pids()
