@@ -17,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
-import time
 import warnings
 from collections.abc import Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..devices import median_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -61,26 +61,18 @@ def time_backends(device: torch.device, dtype: torch.dtype, heads: int, head_dim
         warnings.simplefilter("ignore")  # each kernel that cannot run the problem says why; only the timings matter
         qkv = torch.randn(batch, length, 3, heads, head_dim, device=device, dtype=dtype)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
+
+        def attend() -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
         for name, backend in BACKENDS.items():
             try:
                 with sdpa_kernel([backend]):
-                    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # warm-up, or refused
-                    runs = []
-                    for _ in range(repeats):
-                        _synchronize(device)
-                        start = time.perf_counter()
-                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-                        _synchronize(device)
-                        runs.append(time.perf_counter() - start)
+                    attend()  # warm-up, or refused
+                    times[name] = median_seconds(attend, device, repeats)
             except Exception:  # "no available kernel" for this device, dtype or shape (or any other refusal)
                 continue
-            times[name] = statistics.median(runs)
     return times
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> str | None:

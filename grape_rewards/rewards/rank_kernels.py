@@ -17,12 +17,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..devices import median_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ def fused_mode() -> str:
 
 @functools.cache
 def triton_importable() -> bool:
+    """Whether Triton can be imported here (the kernel compiles on first use)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -118,25 +118,12 @@ def probe(device: torch.device, rows: int = 1024, cols: int = 65_536, repeats: i
 
         want, got = torch_ops(), row_max_count(scores, threshold)
         out["equal"] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
-        out["fused_ms"] = _median_ms(lambda: row_max_count(scores, threshold), device, repeats)
-        out["torch_ms"] = _median_ms(torch_ops, device, repeats)
+        out["fused_ms"] = median_seconds(lambda: row_max_count(scores, threshold), device, repeats) * 1e3
+        out["torch_ms"] = median_seconds(torch_ops, device, repeats) * 1e3
     except Exception as exc:
         out["equal"] = False
         out["error"] = f"{type(exc).__name__}: {exc}"[:300]
     return out
-
-
-def _median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def row_max_count(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
