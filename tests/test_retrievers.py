@@ -20,8 +20,10 @@ from tiny_models import (
     TINY_CHINESE_CLIP_CONTEXT,
     TINY_HF_PROJECTION_DIM,
     TINY_OPEN_CLIP_CFG,
+    TINY_SIGLIP_CONTEXT,
     TINY_TEXT_ENCODER_CONTEXT,
     TINY_TEXT_ENCODER_DIM,
+    make_hf_clip_dir,
 )
 
 from grape_rewards.retrievers import (
@@ -280,7 +282,7 @@ def test_hf_batch_padding_equals_one_at_a_time(load, kind, max_padding, monkeypa
     groups: list[list[int]] = []
     real = base_module.length_groups
 
-    def spy(lengths, max_size):
+    def spy(lengths, max_size, _default_padding):  # the test's padding bound instead of the retriever's
         found = real(lengths, max_size, max_padding)
         groups.extend(found)
         return found
@@ -295,6 +297,28 @@ def test_hf_batch_padding_equals_one_at_a_time(load, kind, max_padding, monkeypa
     assert len(set(lengths)) > 2
     if max_padding == 1.0:  # one batch padded to the longest text
         assert groups == [sorted(range(len(TEXTS)), key=lengths.__getitem__)]
+
+
+def test_siglip_pads_every_text_to_its_context(tmp_path, monkeypatch):
+    """A last-position-pooled tower (SigLIP) sees every text padded to the full context, as in training: batches
+    are formed by count, not length, and batched, single and overlong texts agree."""
+    r = create_retriever(f"hf:{make_hf_clip_dir(tmp_path / 'siglip', kind='siglip')}", device="cpu")
+    assert r.max_text_tokens == TINY_SIGLIP_CONTEXT
+    paddings = []
+    real = base_module.length_groups
+
+    def spy(lengths, max_size, max_padding):
+        paddings.append(max_padding)
+        return real(lengths, max_size, max_padding)
+
+    monkeypatch.setattr(base_module, "length_groups", spy)
+    kept = " ".join(["word"] * (TINY_SIGLIP_CONTEXT - 2))
+    texts = [*TEXTS[:4], "word " * 40, kept]
+    batched, infos = r.encode_texts_with_info(texts, batch_size=len(texts))
+    assert paddings == [1.0] and infos == r.text_info(texts) and infos[-2].truncated
+    single = torch.cat([r.encode_texts([t]) for t in texts])
+    assert torch.allclose(batched, single, atol=1e-5)
+    assert torch.allclose(batched[-2], batched[-1], atol=1e-5)  # the overlong text embeds as its truncation
 
 
 @settings(max_examples=300, deadline=None)

@@ -49,6 +49,7 @@ TINY_HF_PROJECTION_DIM = 16
 """Embedding dimension of the tiny transformers CLIP / Chinese-CLIP models."""
 TINY_HF_CLIP_CONTEXT = 77
 TINY_CHINESE_CLIP_CONTEXT = 52
+TINY_SIGLIP_CONTEXT = 16
 TINY_TEXT_ENCODER_DIM = 32
 TINY_TEXT_ENCODER_CONTEXT = 128
 
@@ -96,11 +97,13 @@ def copy_bert_tokenizer(path: str | Path, model_max_length: int) -> None:
     cfg_file.write_text(json.dumps(cfg, indent=2))
 
 
-def make_hf_clip_dir(path: str | Path, kind: Literal["clip", "chinese_clip"] = "clip", seed: int = SEED) -> Path:
-    """Write a seeded random transformers ``CLIPModel`` / ``ChineseCLIPModel`` folder; return it.
+def make_hf_clip_dir(path: str | Path, kind: Literal["clip", "chinese_clip", "siglip"] = "clip",
+                     seed: int = SEED) -> Path:
+    """Write a seeded random transformers ``CLIPModel`` / ``ChineseCLIPModel`` / ``SiglipModel`` folder; return it.
 
-    Both use the MiniLM BERT tokenizer (vocab 30522; [CLS]=101, [SEP]=102, [PAD]=0). The CLIP text tower
-    pools at the first [SEP] (its ``eos_token_id``); Chinese-CLIP's pools [CLS]. Images are 32 px.
+    All use the MiniLM BERT tokenizer (vocab 30522; [CLS]=101, [SEP]=102, [PAD]=0). The CLIP text tower
+    pools at the first [SEP] (its ``eos_token_id``); Chinese-CLIP's pools [CLS]; SigLIP's pools the last position
+    (so every text is padded to its 16-token context). Images are 32 px.
     """
     from transformers import (
         ChineseCLIPConfig,
@@ -109,6 +112,9 @@ def make_hf_clip_dir(path: str | Path, kind: Literal["clip", "chinese_clip"] = "
         CLIPConfig,
         CLIPImageProcessor,
         CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
     )
 
     path = Path(path)
@@ -130,8 +136,12 @@ def make_hf_clip_dir(path: str | Path, kind: Literal["clip", "chinese_clip"] = "
                                    projection_dim=TINY_HF_PROJECTION_DIM)
         model_cls, processor = ChineseCLIPModel, ChineseCLIPImageProcessor(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif kind == "siglip":
+        context = TINY_SIGLIP_CONTEXT
+        config = SiglipConfig(text_config={**text, "max_position_embeddings": context}, vision_config=vision)
+        model_cls, processor = SiglipModel, SiglipImageProcessor(size={"height": 32, "width": 32})
     else:
-        raise ValueError(f"kind must be 'clip' or 'chinese_clip', got {kind!r}")
+        raise ValueError(f"kind must be 'clip', 'chinese_clip' or 'siglip', got {kind!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()

@@ -175,14 +175,16 @@ def tokenize_once(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> tupl
 
 
 def encode_in_length_groups(ids: Sequence[Sequence[int]], batch_size: int, dim: int, device: torch.device,
-                            encode_batch: Callable[[list[Sequence[int]]], torch.Tensor]) -> torch.Tensor:
+                            encode_batch: Callable[[list[Sequence[int]]], torch.Tensor],
+                            max_padding: float = MAX_PADDING) -> torch.Tensor:
     """Encode token id lists in batches of similar length (:func:`length_groups`); unit rows in the input order.
 
     ``encode_batch`` pads one batch and runs the model; the result does not depend on the grouping (padding is
-    masked), only the speed does.
+    masked), only the speed does. A model that pads every text to its full context gains nothing from grouping:
+    pass ``max_padding=1.0`` (batches of ``batch_size``).
     """
     out = torch.empty(len(ids), dim, device=device)
-    for group in length_groups([len(x) for x in ids], batch_size):
+    for group in length_groups([len(x) for x in ids], batch_size, max_padding):
         out[to_device(torch.tensor(group), device)] = l2_normalize(encode_batch([ids[i] for i in group]))
     return out
 

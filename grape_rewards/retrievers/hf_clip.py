@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import (
+    MAX_PADDING,
     ImageInput,
     Retriever,
     TextInfo,
@@ -91,7 +92,8 @@ class HFCLIPRetriever(Retriever):
                                batch_size: int = 256) -> tuple[torch.Tensor, list[TextInfo]]:
         """Tokenize once, then encode in batches of similar length (padding is masked out of the result)."""
         ids, infos = tokenize_once(self.tokenizer, texts, self.max_text_tokens)
-        return encode_in_length_groups(ids, batch_size, self.dim, self.device, self._encode_batch), infos
+        max_padding = 1.0 if self._model_type in _PAD_TO_MAX_LENGTH else MAX_PADDING  # those pad to the context
+        return encode_in_length_groups(ids, batch_size, self.dim, self.device, self._encode_batch, max_padding), infos
 
     def _encode_batch(self, ids: list[Sequence[int]]) -> torch.Tensor:
         full = self._model_type in _PAD_TO_MAX_LENGTH
