@@ -14,6 +14,7 @@ import pytest
 from test_adapters_support import REPO, demo_index_dir, require
 
 from grape_rewards.prepare import TrainingQuery, write_training_data
+from grape_rewards.server.testing import free_port
 
 EXAMPLES = REPO / "examples"
 
@@ -21,12 +22,6 @@ EXAMPLES = REPO / "examples"
 def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, **(env or {})})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow

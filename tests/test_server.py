@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -560,3 +561,18 @@ def test_tune_gc_freezes_the_loaded_objects_and_raises_the_young_threshold():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_free_port_is_below_the_ports_the_os_hands_out():
+    """Ports the OS picks for port 0 can go to the next process that asks (a local Ray starts dozens): free_port
+    takes one only ever taken by being asked for."""
+    from grape_rewards.server import testing
+
+    low = testing._ephemeral_low()
+    ports = {testing.free_port() for _ in range(20)}
+    if low - testing.RESERVED_BELOW >= 1000:
+        assert all(testing.RESERVED_BELOW <= p < low for p in ports), (ports, low)
+    assert len(ports) > 1  # drawn at random: parallel runs do not all try the same one
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

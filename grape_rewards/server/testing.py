@@ -6,18 +6,45 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+RESERVED_BELOW = 20_000
+"""Ports under this are left alone: well-known services, and Ray's worker ports (10002-19999 by default)."""
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that was free a moment ago on ``host``, taken below the range the OS hands out for port 0.
+
+    A port the OS picked for port 0 can be handed to the next process that asks, and a local Ray starts dozens
+    (one took a test's port before Serve's proxy could bind it); ports between 20,000 and the OS's ephemeral range
+    are only ever taken by being asked for.
+    """
+    low = _ephemeral_low()
+    if low - RESERVED_BELOW >= 1000:
+        for port in random.sample(range(RESERVED_BELOW, low), 100):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # an unusual port layout: let the OS pick
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the OS hands out for port 0 (Linux's default when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
 
 
 class ServerThread:
