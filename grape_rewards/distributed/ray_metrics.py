@@ -161,8 +161,6 @@ def install_cluster_metrics(app: FastAPI, hub_name: str, namespace: str, interva
 
     async def metrics(request: Request) -> Response:
         """Prometheus exposition of every replica, labelled ``replica`` (or ``?scope=replica``: this one)."""
-        if state.batcher is not None:
-            state.metrics.queue_items.set(state.batcher.queued_items)
         if request.query_params.get("scope") == "replica":
             return Response(content=state.metrics.render(), media_type=CONTENT_TYPE)
         return Response(content=await pusher.render_all(), media_type=CONTENT_TYPE)

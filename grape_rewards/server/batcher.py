@@ -94,6 +94,8 @@ class MicroBatcher:
         self._filled: asyncio.Future | None = None
         self._closing = False
         self.batches = 0
+        if metrics is not None:
+            metrics.queue_items.set_function(lambda: self._queued_items)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,8 +148,6 @@ class MicroBatcher:
         future = self._loop.create_future()
         self._queue.append(_Request(items, future, time.perf_counter()))
         self._queued_items += n
-        if self.metrics is not None:
-            self.metrics.queued_items = self._queued_items
         self._wakeup.set()
         if self._filled is not None and self._queued_items >= self._fill_target and not self._filled.done():
             self._filled.set_result(None)
@@ -201,8 +201,6 @@ class MicroBatcher:
             batch.append(request)
             size += len(request.items)
         self._queued_items -= size
-        if self.metrics is not None:
-            self.metrics.queued_items = self._queued_items
         return batch
 
     async def _run(self, batch: list[_Request]) -> None:

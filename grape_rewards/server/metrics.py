@@ -121,10 +121,8 @@ class ServiceMetrics:
                                        registry=r)
         self.batch_failures = Counter("grape_batch_failures", "Batches that raised and were retried per request",
                                       registry=r)
-        self.queued_items = 0
-        """Samples waiting, kept by the batcher as a plain int and read at scrape time."""
         self.queue_items = Gauge("grape_queue_items", "Samples waiting for the device worker", registry=r)
-        self.queue_items.set_function(lambda: self.queued_items)
+        """Read at scrape time from the batcher's own count (it points the gauge there when it starts)."""
         self.samples = Counter("grape_samples", "Samples scored", registry=r)
         self.reward = BulkHistogram("grape_reward", "Reward per sample", REWARD_BUCKETS)
         self.target_sim = BulkHistogram("grape_target_sim", "Similarity of the rewrite to its best target",
