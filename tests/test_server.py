@@ -187,7 +187,11 @@ def test_health_ready_info_metrics(http: httpx.Client, scorer: RewardScorer) -> 
     assert info["index"]["corpus_size"] == 100 and info["index"]["fingerprint"] == scorer.retriever.fingerprint
     assert info["reward_config"]["shape"] == "log" and info["version"]
     assert "token" not in info["server"] and info["server"]["auth"] is False
+    # A scored batch of its own: the per-batch series exist once one has run (not only after earlier tests).
+    scored = http.post("/v1/rewards", json={"items": [{"rewrite": "a dog on the grass", "target_ids": ["cap000"]}]})
+    assert scored.status_code == 200, scored.text
     text = http.get("/metrics").text
+    assert _metric(text, "grape_queue_items") == 0.0  # nothing waits once the batch is answered
     for name in ("grape_requests_total", "grape_request_seconds_bucket", "grape_batch_items_bucket",
                  "grape_queue_wait_seconds_bucket", "grape_encode_seconds_bucket", "grape_score_seconds_bucket",
                  "grape_cache_hit_ratio", "grape_target_sim_bucket", "grape_mean_sim_bucket", "grape_reward_bucket",
