@@ -93,7 +93,7 @@ DESIGN: dict[str, Any] = {
 class Hyper:
     """The training hyperparameters (identical for every arm)."""
 
-    learning_rate: float = 2e-5
+    learning_rate: float = 3e-5
     num_generations: int = 8
     prompts_per_step: int = 2
     max_completion_length: int = 24
@@ -326,7 +326,8 @@ LOG_KEYS = ("rank", "recall_at_1", "target_sim", "mean_sim", "margin", "format_o
 
 def train_arm(arm: str, seed: int, hyper: Hyper, judges: Judges, train: Sequence[task.MiniQuery],
               evaluation: Sequence[task.MiniQuery], policy: Path, device: str, work: Path,
-              initial: dict[str, Any] | None = None, eval_at_start: bool = True) -> dict[str, Any]:
+              initial: dict[str, Any] | None = None, eval_at_start: bool = True,
+              eval_name: str = "held-out") -> dict[str, Any]:
     """GRPO on one reward; held-out evaluation every ``eval_every`` steps. Returns logs, evals, final rewrites."""
     from datasets import Dataset
     from transformers import TrainerCallback, set_seed
@@ -357,7 +358,7 @@ def train_arm(arm: str, seed: int, hyper: Hyper, judges: Judges, train: Sequence
         result = judge(judges, rewrites, targets)
         evals.append({"step": step, **result["summary"]})
         final.update(result, rewrites=rewrites, completions=completions)
-        say(f"  [{arm} seed {seed}] step {step}: held-out MiniLM R@1 {result['summary']['minilm_r1']:.3f} "
+        say(f"  [{arm} seed {seed}] step {step}: {eval_name} MiniLM R@1 {result['summary']['minilm_r1']:.3f} "
               f"BM25 R@1 {result['summary']['bm25_r1']:.3f}")
 
     class Evaluate(TrainerCallback):
@@ -676,7 +677,8 @@ def tune(cfg: RunConfig, out: Path, candidates: Sequence[dict[str, Any]], steps:
         scores = {}
         for arm in ("rank", "similarity"):
             say(f"tuning {candidate}: arm {arm}")
-            res = train_arm(arm, 0, hyper, judges, train, dev, policy, cfg.device, work, eval_at_start=False)
+            res = train_arm(arm, 0, hyper, judges, train, dev, policy, cfg.device, work, eval_at_start=False,
+                            eval_name="dev")
             scores[arm] = res["evals"][-1]["minilm_mrr"]
         trials.append({"candidate": candidate, "dev_mrr": scores, "criterion": float(np.mean(list(scores.values())))})
     best = max(trials, key=lambda t: t["criterion"])
