@@ -15,12 +15,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .corpus.index import CorpusIndex, IndexError_
+from .corpus.rank import default_chunk_elements
 from .devices import to_device
 from .retrievers.base import Retriever, TextInfo
 from .rewards.composite import sample_keys, score_sample
 from .rewards.config import RewardConfig
 from .rewards.format import Extraction, extract_rewrite
-from .rewards.rank import default_chunk_elements
 
 
 class RewardItem(BaseModel):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from grape_rewards.cli import main
-from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, UnknownIdError, build_index
+from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, UnknownIdError, build_index, corpus_rank
 from grape_rewards.retrievers import ComposedRetriever
-from grape_rewards.rewards import RewardConfig, corpus_rank, sample_keys
+from grape_rewards.rewards import RewardConfig, sample_keys
 from grape_rewards.scorer import RewardItem, RewardScorer
 
 CAPTIONS = ["a dog runs on the grass", "a cat sleeps on a sofa", "two men play chess in a park",
