@@ -17,8 +17,7 @@ from .rank import (
     target_scores,
 )
 from .search import build_searcher, faiss_available, torch_topk
-from .source import CorpusSource, CorpusSourceError, read_image_folder, read_source
-from .source import read_manifest as read_source_manifest
+from .source import CorpusSource, CorpusSourceError, read_image_folder, read_source, read_source_manifest
 
 __all__ = [
     "CUDA_CHUNK_ELEMENTS",

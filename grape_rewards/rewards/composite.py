@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import RewardConfig
 from .format import Extraction
-from .shapes import rank_reward
+from .shapes import rank_reward, relative_rank_reward
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 _RECALL_KEYS = tuple((k, f"recall_at_{k}") for k in RECALL_KS)
@@ -56,10 +56,11 @@ def score_sample(
     scorable = extraction.scorable
     if not scorable:
         rank, target_sim, mean_sim, best_nontarget_sim, num_tokens, truncated = n, 0.0, 0.0, 0.0, 0, False
-    part_rank = rank_reward(rank, n, config.shape, config.k)
     if config.relative:
         assert original_rank is not None
-        part_rank -= rank_reward(original_rank, n, config.shape, config.k)
+        part_rank = relative_rank_reward(rank, original_rank, n, config.shape, config.k)
+    else:
+        part_rank = rank_reward(rank, n, config.shape, config.k)
     part_format = 1.0 if extraction.ok else 0.0
     w = config.weights
     if scorable:
