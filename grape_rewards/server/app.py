@@ -182,8 +182,7 @@ def tune_gc(young_threshold: int = 100_000) -> None:
     collector never scans again, and the young generation is collected every ``young_threshold`` allocations
     instead of 700. A scored request allocates a few hundred container objects, and with the default thresholds
     the collections they trigger (full ones walking every loaded object) were the largest per-request cost of the
-    service: measured on a 2-core CPU with a near-free retriever, one process answered ~5,700 single-sample
-    requests/s before and ~11,000-13,000 after. Cycles created later are still collected.
+    service (measured: docs/shortcuts.md). Cycles created later are still collected.
     """
     gc.collect()
     gc.freeze()
