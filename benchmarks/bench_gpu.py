@@ -43,10 +43,10 @@ from common import RESULTS, corpus_scan_flops, matmul_peak_flops, text_tower_flo
 from loadgen import captions, rewrite_text, run_in_subprocess
 
 from grape_rewards.corpus import CorpusIndex
+from grape_rewards.corpus.rank_kernels import fused_mode, probe, use_fused
 from grape_rewards.retrievers import create_retriever
 from grape_rewards.retrievers.attention import choose_backend, time_backends
 from grape_rewards.rewards import RewardConfig
-from grape_rewards.rewards.rank_kernels import fused_mode, probe, use_fused
 from grape_rewards.scorer import RewardItem, RewardScorer
 
 

@@ -7,9 +7,13 @@ every verl reward worker) stays light: nothing imports torch until it is used.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:  # one place holds the version: pyproject.toml, read back from the installed metadata
+    __version__ = version("grape-rewards")
+except PackageNotFoundError:  # pragma: no cover - imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS: dict[str, str] = {
     # retrievers
@@ -25,10 +29,10 @@ _EXPORTS: dict[str, str] = {
     "CorpusSource": "grape_rewards.corpus",
     "build_index": "grape_rewards.corpus",
     "read_source": "grape_rewards.corpus",
+    "corpus_rank": "grape_rewards.corpus",
     # rewards
     "RewardConfig": "grape_rewards.rewards",
     "FormatConfig": "grape_rewards.rewards",
-    "corpus_rank": "grape_rewards.rewards",
     "rank_reward": "grape_rewards.rewards",
     "extract_rewrite": "grape_rewards.rewards",
     "inflation_summary": "grape_rewards.rewards",
@@ -75,7 +79,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .corpus import CorpusIndex, CorpusSource, build_index, read_source
+    from .corpus import CorpusIndex, CorpusSource, build_index, corpus_rank, read_source
     from .labels import Label, parse_label
     from .retrievers import (
         ComposedRetriever,
@@ -86,5 +90,5 @@ if TYPE_CHECKING:
         TextEmbedder,
         create_retriever,
     )
-    from .rewards import FormatConfig, RewardConfig, corpus_rank, extract_rewrite, inflation_summary, rank_reward
+    from .rewards import FormatConfig, RewardConfig, extract_rewrite, inflation_summary, rank_reward
     from .scorer import RewardItem, RewardScorer

@@ -22,61 +22,25 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .retrievers import Retriever
-    from .rewards import RewardConfig
+from .cli_args import (
+    add_retriever_args,
+    add_reward_args,
+    retriever_from_args,
+    retriever_overrides,
+    reward_config_from_args,
+)
 
 # Modules that add their own sub-commands: each has ``register(subparsers)`` and imports nothing heavy at
 # module level (the parser is built on every invocation).
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "grape_rewards.server.cli",
+    "grape_rewards.serve_cli",
     "grape_rewards.eval.cli",
     "grape_rewards.rewrite.cli",
     "grape_rewards.prepare.cli",
     "grape_rewards.adapters.cli",
 )
-
-
-def _add_retriever_args(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
-    p.add_argument("--retriever", required=required, default=default,
-                   help="retriever spec: open_clip:ViT-B-32/openai, hf:<name or folder>, text:all-MiniLM-L6-v2, "
-                        "composed:<spec>, a model folder, or random:<spec> (tests only)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="encoder precision (auto: fp16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--fusion", choices=["text", "sum"], default="sum", help="composed retrieval: query fusion")
-    p.add_argument("--image-weight", type=float, default=0.5, help="composed retrieval, sum fusion: image weight")
-
-
-def _add_reward_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reward-config", type=Path, help="YAML file of reward settings (RewardConfig fields)")
-    p.add_argument("--shape", choices=["linear", "reciprocal", "log", "recall@k"], help="rank shape")
-    p.add_argument("--k", type=int, help="k of the recall@k shape")
-    p.add_argument("--relative", action="store_true", help="reward the change against the original query's rank")
-    p.add_argument("--preset", choices=["rank", "similarity"], help="rank (default) or the similarity baseline")
-
-
-def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
-    from .rewards import RewardConfig
-
-    config = RewardConfig.from_yaml(args.reward_config) if args.reward_config else RewardConfig()
-    if args.preset:
-        config = RewardConfig.preset(args.preset, **config.model_dump(exclude={"weights"}))
-    updates = {k: v for k, v in {"shape": args.shape, "k": args.k}.items() if v is not None}
-    if args.relative:
-        updates["relative"] = True
-    return RewardConfig.model_validate({**config.model_dump(), **updates})
-
-
-def retriever_from_args(args: argparse.Namespace, spec: str | None = None) -> Retriever:
-    from .retrievers import create_retriever
-
-    return create_retriever(spec or args.retriever, device=args.device, dtype=args.dtype, fusion=args.fusion,
-                            image_weight=args.image_weight)
 
 
 # -- demo ----------------------------------------------------------------------------------------------
@@ -121,15 +85,12 @@ def cmd_index_shard(args: argparse.Namespace) -> int:
 
 # -- score ---------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
-    from .corpus import CorpusIndex, read_manifest
+    from .scorer import RewardScorer
     from .scoring_io import score_jsonl
 
-    spec = args.retriever or read_manifest(args.index)["retriever"]["spec"]
-    retriever = retriever_from_args(args, spec)
-    index = CorpusIndex.load(args.index, device=retriever.device, expected_fingerprint=retriever.fingerprint,
-                             expected_spec=retriever.spec)
-    summary = score_jsonl(args.input, args.output, retriever, index, reward_config_from_args(args),
-                          batch_size=args.batch_size, progress=not args.quiet)
+    scorer = RewardScorer.from_index(args.index, reward_config_from_args(args), retriever=args.retriever,
+                                     **retriever_overrides(args))
+    summary = score_jsonl(args.input, args.output, scorer, batch_size=args.batch_size, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -148,17 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="rank reward vs similarity reward on the embedded corpus (offline)")
-    _add_retriever_args(p, required=False)
+    add_retriever_args(p, required=False)
     p.add_argument("--index", type=Path, help="an index folder to use instead of the embedded captions")
     p.add_argument("--queries", type=Path, help="JSONL of demo queries (query_id, kind, query, target_ids, candidates)")
     p.add_argument("--json", type=Path, help="also write the table rows as JSON here")
-    _add_reward_args(p)
+    add_reward_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("index", help="build or inspect an embedded corpus")
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="embed a corpus: image folder, or JSONL/CSV manifest of id+image or id+text")
-    _add_retriever_args(b)
+    add_retriever_args(b)
     b.add_argument("--source", required=True, type=Path, help="image folder, or .jsonl/.csv manifest")
     b.add_argument("--out", required=True, type=Path, help="index folder to write")
     b.add_argument("--batch-size", type=int, default=64)
@@ -179,24 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
     p.add_argument("--index", required=True, type=Path)
-    _add_retriever_args(p, required=False)
+    add_retriever_args(p, required=False)
     p.add_argument("--input", required=True, type=Path,
                    help="JSONL rows: completion or rewrite, target_ids, [excluded_ids, reference_id, query_id, "
                         "original_query]")
     p.add_argument("--output", required=True, type=Path, help="JSONL: each input row plus its reward and statistics")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--quiet", action="store_true")
-    _add_reward_args(p)
+    add_reward_args(p)
     p.set_defaults(func=cmd_score)
 
     for module_name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module_name.startswith(exc.name):
-                raise  # a missing dependency of an existing module, not a missing module
-            continue
-        module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""JSON Lines: the objects of a file with their line numbers, and errors that name the line."""
+"""JSON Lines: the objects of a file with their line numbers, errors that name the line, and JSON kinds named."""
 
 from __future__ import annotations
 
@@ -27,3 +27,13 @@ def jsonl_objects(lines: Iterable[str], error: Callable[[int, str], Exception]) 
         if not isinstance(obj, dict):
             raise error(n, f"expected a JSON object, got {type(obj).__name__}")
         yield n, obj
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in words, for error messages.
+
+    >>> json_kind([1]), json_kind(None), json_kind(True)
+    ('a list', 'null', 'a boolean')
+    """
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)

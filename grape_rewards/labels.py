@@ -29,6 +29,16 @@ class LabelError(ValueError):
     """A label that does not follow the schema; the message says what is wrong."""
 
 
+def ids_as_strings(cls: type, value: Any) -> Any:
+    """A field validator (``mode="before"``) for lists of corpus ids: a bare id becomes a list of one, integer ids
+    become strings; anything else is left for the field's own validation to refuse."""
+    if isinstance(value, (str, int)):
+        value = [value]
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, (int, str)) else v for v in value]
+    return value
+
+
 class Label(BaseModel):
     """Where the true target is, for one training row."""
 
@@ -40,14 +50,7 @@ class Label(BaseModel):
     query_id: str | None = None
     original_query: str | None = None
 
-    @field_validator("target_ids", "excluded_ids", mode="before")
-    @classmethod
-    def _ids_as_strings(cls, value: Any) -> Any:
-        if isinstance(value, (str, int)):
-            value = [value]
-        if isinstance(value, list):
-            return [str(v) if isinstance(v, (int, str)) else v for v in value]
-        return value
+    _ids_as_strings = field_validator("target_ids", "excluded_ids", mode="before")(ids_as_strings)
 
     @field_validator("reference_id", "query_id", mode="before")
     @classmethod

@@ -1,6 +1,8 @@
-"""The one code path that turns rewrites into rewards: extract, encode (cached), rank over the corpus, compose.
+"""The one code path that turns rewrites into rewards: load, validate, extract, encode (cached), rank, compose.
 
-The CLI's ``score``, the reward service and the in-process adapters all call :class:`RewardScorer`.
+The CLI's ``score``, the reward service and the in-process adapters all call :class:`RewardScorer`: loaded from an
+index folder by :meth:`RewardScorer.from_index`, items read by :func:`read_item` and checked by
+:meth:`RewardScorer.validate` (the same rules and messages everywhere), then scored.
 """
 
 from __future__ import annotations
@@ -10,17 +12,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .corpus.index import CorpusIndex, IndexError_
+from .corpus.index import CorpusIndex, IndexError_, UnknownIdError, read_manifest
+from .corpus.rank import default_chunk_elements
 from .devices import to_device
+from .jsonl import json_kind
+from .labels import ids_as_strings
 from .retrievers.base import Retriever, TextInfo
 from .rewards.composite import sample_keys, score_sample
 from .rewards.config import RewardConfig
 from .rewards.format import Extraction, extract_rewrite
-from .rewards.rank import default_chunk_elements
 
 
 class RewardItem(BaseModel):
@@ -39,6 +45,47 @@ class RewardItem(BaseModel):
     query_id: str | None = None
     original_query: str | None = None
     """The query before rewriting: needed by the relative mode, and scored for comparison."""
+
+    _ids_as_strings = field_validator("target_ids", "excluded_ids", mode="before")(ids_as_strings)
+    """A bare id (``"img_1"``) or integer ids are accepted, as in labels."""
+
+    @model_validator(mode="after")
+    def _has_text(self) -> RewardItem:
+        if self.completion is None and self.rewrite is None:
+            raise ValueError("give 'completion' (the model's response) or 'rewrite'")
+        return self
+
+
+ItemRows = tuple[list[list[int]], list[list[int]]]
+"""Corpus rows of a batch's targets and of what each ranking leaves out (exclusions and reference)."""
+
+
+class ItemError(ValueError):
+    """An item that cannot be scored; the message names the item and what is wrong with it."""
+
+
+def read_item(raw: Any, where: str = "item") -> RewardItem:
+    """The :class:`RewardItem` a JSON object describes; otherwise an :class:`ItemError` naming ``where`` and each
+    problem (an unknown or misspelt field, a missing target, no text).
+
+    >>> read_item({"rewrite": "a dog", "target_ids": "c1"}).target_ids
+    ['c1']
+    >>> read_item({"text": "a dog", "target_ids": ["c1"]}, "items[0]")
+    Traceback (most recent call last):
+    ...
+    grape_rewards.scorer.ItemError: items[0].text: Extra inputs are not permitted
+    """
+    if not isinstance(raw, dict):
+        raise ItemError(f"{where} must be an object, got {json_kind(raw)}")
+    try:
+        return RewardItem.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            loc = "".join(f".{part}" for part in e["loc"])
+            error = e.get("ctx", {}).get("error") if e["type"] == "value_error" else None
+            problems.append(f"{where}{loc}: {error if error is not None else e['msg']}")
+        raise ItemError("; ".join(problems)) from None
 
 
 def normalize_text(text: str) -> str:
@@ -86,7 +133,8 @@ class LRUCache:
 class ScoredBatch:
     samples: list[dict[str, float]]
     timings: dict[str, float] = field(default_factory=dict)
-    """``encode_s``, ``rank_s``, ``total_s`` and cache counts of this batch."""
+    """``encode_s`` (the rewrites' encoding), ``rank_s`` (their rank scan), ``original_s`` (extraction and the
+    original queries' ranks), ``total_s`` and the cache counts of this batch."""
 
 
 class RewardScorer:
@@ -96,13 +144,14 @@ class RewardScorer:
         cache_size: query embeddings kept (GRPO groups repeat rewrites); original-query ranks keep as many.
         chunk_elements: bound on the query x corpus scores held at once (default: 2^24 on the CPU, 2^26 on a GPU).
         encode_batch_size: texts per encoder call; texts are sorted by length first, so smaller calls pad less
-            (on an H200, 1,024 ViT-L/14 rewrites took 21-25 ms as four calls of 256 and 19-30 ms as one call
-            across runs: host-bound either way; see benchmarks/results/gpu-h200.md).
+            (measured in benchmarks/results/gpu-h200.md).
+        max_text_chars: an extracted rewrite longer than this is cut (after extraction, so it stays ``overlong``;
+            far past any retriever's context, so its score is unchanged) before it is encoded and cached.
     """
 
     def __init__(self, retriever: Retriever, index: CorpusIndex, config: RewardConfig | None = None,
                  cache_size: int = 65536, chunk_elements: int | None = None,
-                 encode_batch_size: int = 256) -> None:
+                 encode_batch_size: int = 256, max_text_chars: int = 20000) -> None:
         if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
             raise IndexError_(
                 f"index {index.name} was built with retriever {index.manifest['retriever'].get('spec')!r} "
@@ -116,13 +165,63 @@ class RewardScorer:
         self.config = config or RewardConfig()
         self.chunk_elements = chunk_elements or default_chunk_elements(index.device)
         self.encode_batch_size = encode_batch_size
+        self.max_text_chars = max_text_chars
         self.embedding_cache = LRUCache(cache_size)
         self.original_rank_cache = LRUCache(cache_size)
         self.keys = sample_keys(self.config)
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_index(cls, index_dir: str | Path, config: RewardConfig | None = None, *,
+                   retriever: str | Retriever | None = None, scorer_options: dict[str, Any] | None = None,
+                   **retriever_overrides: Any) -> RewardScorer:
+        """Load a scorer from an index folder: the retriever its manifest names (or ``retriever``, a spec or a loaded
+        one), then the index, on the retriever's device, refused unless its fingerprint matches.
+
+        ``retriever_overrides`` go to :func:`~grape_rewards.retrievers.create_retriever` (``device``, ``dtype``,
+        ``fusion``, ``image_weight``); ``scorer_options`` to the constructor (``cache_size``, ``max_text_chars``...).
+        """
+        if not isinstance(retriever, Retriever):
+            from .retrievers import create_retriever
+
+            spec = retriever or read_manifest(index_dir).get("retriever", {}).get("spec")
+            if not spec:
+                raise IndexError_(f"index {index_dir} does not name its retriever; pass one (--retriever)")
+            retriever = create_retriever(spec, **retriever_overrides)
+        index = CorpusIndex.load(index_dir, device=retriever.device, expected_fingerprint=retriever.fingerprint,
+                                 expected_spec=retriever.spec)
+        return cls(retriever, index, config, **(scorer_options or {}))
+
     # -- validation -----------------------------------------------------------------------------------
-    def resolve_rows(self, items: Sequence[RewardItem]) -> tuple[list[list[int]], list[list[int]]]:
+    def validate(self, items: Sequence[RewardItem], where: str = "items[{}]") -> ItemRows:
+        """Check that every item can be scored; return their corpus rows (for :meth:`score_batch`).
+
+        Raises :class:`ItemError` for the first item naming an id the index lacks, lacking the reference image a
+        composed retriever fuses, or (relative mode) lacking its original query. ``where`` formats an item's
+        position into its name, e.g. ``"labels[{}]"``.
+        """
+        targets: list[list[int]] = []
+        excluded: list[list[int]] = []
+        for i, item in enumerate(items):
+            t, e = self.validate_item(item, where.format(i))
+            targets.append(t)
+            excluded.append(e)
+        return targets, excluded
+
+    def validate_item(self, item: RewardItem, where: str) -> tuple[list[int], list[int]]:
+        """:meth:`validate` of one item named ``where`` (e.g. ``"rewrites.jsonl:7: row"``): its rows."""
+        try:
+            (t,), (e,) = self.resolve_rows([item])
+        except UnknownIdError as exc:
+            raise ItemError(f"{where}: {exc}; the training data names an item the index does not hold") from None
+        except ValueError as exc:
+            raise ItemError(f"{where}: {exc}") from None
+        if self.config.relative and not (item.original_query or "").strip():
+            raise ItemError(f"{where}: the relative reward mode needs original_query (in the label) for every "
+                            "sample")
+        return t, e
+
+    def resolve_rows(self, items: Sequence[RewardItem]) -> ItemRows:
         """Corpus rows of each item's targets, and of what its ranking leaves out (exclusions and reference).
 
         Raises :class:`~grape_rewards.corpus.UnknownIdError` for the first id the index does not hold.
@@ -141,10 +240,6 @@ class RewardScorer:
                                  "needs a reference_id")
             excluded.append(left_out)
         return targets, excluded
-
-    def check_ids(self, items: Sequence[RewardItem]) -> None:
-        """Raise :class:`~grape_rewards.corpus.UnknownIdError` for the first id the index does not hold."""
-        self.resolve_rows(items)
 
     # -- encoding -------------------------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[TextInfo]]:
@@ -190,13 +285,15 @@ class RewardScorer:
 
     # -- scoring --------------------------------------------------------------------------------------
     def extract(self, item: RewardItem) -> Extraction:
+        """The rewrite of an item (from its completion, else its rewrite), cut to :attr:`max_text_chars`."""
         fmt = self.config.format
         text = item.completion if item.completion is not None else item.rewrite
-        return extract_rewrite(text, fmt.answer_tag, fmt.require_answer_tag and item.completion is not None,
-                               fmt.max_chars)
+        ex = extract_rewrite(text, fmt.answer_tag, fmt.require_answer_tag and item.completion is not None,
+                             fmt.max_chars)
+        keep = max(self.max_text_chars, fmt.max_chars + 1)  # a cut rewrite stays overlong
+        return Extraction(ex.text[:keep], ex.status) if ex.scorable and len(ex.text) > keep else ex
 
-    def original_ranks(self, items: Sequence[RewardItem],
-                       rows: tuple[list[list[int]], list[list[int]]] | None = None) -> list[int | None]:
+    def original_ranks(self, items: Sequence[RewardItem], rows: ItemRows | None = None) -> list[int | None]:
         """Rank of each item's original query (cached); None where no original query is given.
 
         ``rows``: :meth:`resolve_rows` of ``items``, when the caller has it.
@@ -225,22 +322,25 @@ class RewardScorer:
                 self.original_rank_cache.put(keys[i], out[i])
         return out
 
-    def score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
-        """Score a batch; every sample gets the same keys (:attr:`keys`)."""
+    def score_batch(self, items: Sequence[RewardItem], rows: ItemRows | None = None) -> ScoredBatch:
+        """Score a batch; every sample gets the same keys (:attr:`keys`).
+
+        ``rows``: what :meth:`validate` returned for ``items`` (validated here when not given).
+        """
+        if rows is None:
+            rows = self.validate(items)
         with self._lock, torch.inference_mode():
-            return self._score_batch(items)
+            return self._score_batch(items, rows)
 
     def score(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
         return self.score_batch(items).samples
 
-    def _score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
+    def _score_batch(self, items: Sequence[RewardItem], rows: ItemRows) -> ScoredBatch:
         t0 = time.perf_counter()
         hits0, misses0 = self.embedding_cache.hits, self.embedding_cache.misses
-        rows = targets, excluded = self.resolve_rows(items)  # ids looked up once: the scan takes rows
+        targets, excluded = rows  # ids looked up once (by validate): the scan takes rows
         extractions = [self.extract(item) for item in items]
         scorable = [i for i, ex in enumerate(extractions) if ex.scorable]
-        if self.config.relative and any(not (it.original_query or "").strip() for it in items):
-            raise ValueError("the relative reward mode needs original_query on every item")
         originals = self.original_ranks(items, rows)
         t1 = time.perf_counter()
         emb, infos = self._queries([extractions[i].text for i in scorable], [items[i].reference_id for i in scorable])
@@ -266,7 +366,7 @@ class RewardScorer:
                 mean_sim=float(mean_sims[j]), best_nontarget_sim=float(best_sims[j]),
                 num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i]))
         t4 = time.perf_counter()
-        timings = {"encode_s": (t2 - t1) + (t1 - t0), "rank_s": t3 - t2, "total_s": t4 - t0,
+        timings = {"encode_s": t2 - t1, "rank_s": t3 - t2, "original_s": t1 - t0, "total_s": t4 - t0,
                    "cache_hits": float(self.embedding_cache.hits - hits0),
                    "cache_misses": float(self.embedding_cache.misses - misses0)}
         return ScoredBatch(samples, timings)

@@ -1,4 +1,10 @@
-"""Offline batch scoring of a JSONL file through :class:`~grape_rewards.scorer.RewardScorer`."""
+"""Offline batch scoring of a JSONL file through :class:`~grape_rewards.scorer.RewardScorer`.
+
+A row is refused exactly as the service refuses an item of ``/v1/rewards`` (the same
+:func:`~grape_rewards.scorer.read_item` and :meth:`~grape_rewards.scorer.RewardScorer.validate`), named by
+``file:line``; every row is checked before any is scored, and the output is written atomically, so a refused file
+leaves nothing behind.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +12,51 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from .corpus.files import atomic_write_bytes
-from .corpus.index import CorpusIndex
-from .retrievers.base import Retriever
-from .rewards.config import RewardConfig
-from .rewards.inflation import inflation_summary
-from .scorer import RewardItem, RewardScorer
+from .framework_io import batch_summary
+from .jsonl import jsonl_objects
+from .scorer import ItemError, ItemRows, RewardItem, RewardScorer, read_item
 
-ITEM_FIELDS = set(RewardItem.model_fields)
+TABULAR_SUFFIXES = frozenset({".csv", ".tsv"})
 
 
-def read_items(path: str | Path) -> tuple[list[dict[str, Any]], list[RewardItem]]:
-    """Rows of a JSONL file and the :class:`RewardItem` each describes; errors name the line."""
-    rows, items = [], []
+def read_items(path: str | Path, scorer: RewardScorer) -> tuple[list[dict[str, Any]], list[RewardItem], ItemRows]:
+    """Rows of a JSONL file, the :class:`RewardItem` each describes and their corpus rows; errors name the line."""
+    path = Path(path)
+
+    def error(n: int, problem: str) -> ValueError:
+        hint = ""
+        if n == 1 and path.suffix.lower() in TABULAR_SUFFIXES:
+            hint = f" ({path.name} looks like a {path.suffix[1:].upper()} file: --input takes JSON Lines, one object " \
+                   "per line, e.g. {\"rewrite\": \"a dog\", \"target_ids\": [\"img_1\"]})"
+        return ValueError(f"{path}:{n}: {problem}{hint}")
+
+    rows, items, targets, excluded = [], [], [], []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        for n, row in jsonl_objects(f, error):
+            where = f"{path}:{n}: row"
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                items.append(RewardItem.model_validate({k: v for k, v in row.items() if k in ITEM_FIELDS}))
-            except (json.JSONDecodeError, ValueError, ValidationError) as exc:
-                raise ValueError(f"{path}:{n}: {exc}") from None
+                item = read_item(row, where)
+                t, e = scorer.validate_item(item, where)
+            except ItemError as exc:
+                raise ValueError(str(exc)) from None
             rows.append(row)
-    return rows, items
+            items.append(item)
+            targets.append(t)
+            excluded.append(e)
+    return rows, items, (targets, excluded)
 
 
-def score_jsonl(input_path: str | Path, output_path: str | Path, retriever: Retriever, index: CorpusIndex,
-                config: RewardConfig, batch_size: int = 256, progress: bool = True) -> dict[str, float]:
+def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardScorer, batch_size: int = 256,
+                progress: bool = True) -> dict[str, float]:
     """Score every row, write rows + results to ``output_path`` atomically, return the batch summary."""
-    rows, items = read_items(input_path)
-    scorer = RewardScorer(retriever, index, config)
-    scorer.check_ids(items)
+    rows, items, (targets, excluded) = read_items(input_path, scorer)
     results: list[dict[str, float]] = []
     for start in tqdm(range(0, len(items), batch_size), desc="score", unit="batch", disable=not progress):
-        results.extend(scorer.score(items[start:start + batch_size]))
+        end = start + batch_size
+        results.extend(scorer.score_batch(items[start:end], (targets[start:end], excluded[start:end])).samples)
     lines = [json.dumps({**row, **res}, ensure_ascii=False) for row, res in zip(rows, results)]
     atomic_write_bytes(output_path, ("\n".join(lines) + "\n").encode("utf-8"))
-    return {"count": float(len(results)), **inflation_summary(results)}
+    return batch_summary(results)

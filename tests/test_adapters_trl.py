@@ -4,6 +4,7 @@ adapter (sync in-process and async through the real service) on a dataset writte
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,24 @@ def test_factories_read_labels_and_log_metrics(service: Service) -> None:
     assert local(prompts=[""], completions=[GOOD], target_ids=[["cap064"]]) == [1.0]  # plain-text completions
     with pytest.raises(KeyError, match="no label column"):
         sync(prompts=[""], completions=[GOOD], query_id=["q"])
+
+
+def test_reward_functions_pickle_and_trl_reads_them(service: Service) -> None:
+    """Both reward functions survive a pickle round trip (TRL, accelerate and datasets may copy them) and still
+    score; TRL's own helpers name them and see which one is async."""
+    require("trl")
+    from trl.trainer.utils import get_callable_name, is_async_callable
+
+    columns = {"grape_label": [label_json(QUERIES[1])]}
+    for fn in (make_reward_func(url=service.url, name="grape_sync"),
+               make_async_reward_func(url=service.url, name="grape_async"),
+               make_reward_func(index="/nowhere/loaded/lazily", name="grape_local")):
+        copy = pickle.loads(pickle.dumps(fn))
+        assert get_callable_name(copy) == fn.__name__ and copy.settings == fn.settings
+        assert is_async_callable(copy) == (fn.__name__ == "grape_async")
+        if fn.settings.mode == "service":
+            out = copy(prompts=[""], completions=[GOOD], **columns)
+            assert (asyncio.run(out) if is_async_callable(copy) else out) == [1.0]
 
 
 def test_outage_is_a_clear_error() -> None:

@@ -142,8 +142,8 @@ def test_subset_rank_errors() -> None:
 @settings(max_examples=50, deadline=None)
 @given(st.integers(2, 20), st.integers(1, 6), st.integers(0, 10_000))
 def test_same_convention_as_core_rank(num_items: int, num_queries: int, seed: int) -> None:
-    """subset_rank over the whole gallery agrees with grape_rewards.rewards.rank.corpus_rank, ties included."""
-    from grape_rewards.rewards.rank import corpus_rank
+    """subset_rank over the whole gallery agrees with grape_rewards.corpus.rank.corpus_rank, ties included."""
+    from grape_rewards.corpus.rank import corpus_rank
     g = torch.Generator().manual_seed(seed)
     corpus = torch.nn.functional.one_hot(torch.randint(0, 3, (num_items,), generator=g), 3).float()  # many ties
     queries = torch.nn.functional.normalize(torch.rand(num_queries, 3, generator=g) + 0.01, dim=-1)

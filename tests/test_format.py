@@ -143,3 +143,15 @@ def test_label_fast_path_equals_validation(raw):
     got = parse_label(raw)
     assert got.model_dump() == want.model_dump()
     assert type(got.target_ids) is list and type(got.excluded_ids) is list
+
+
+def test_rewards_import_without_torch() -> None:
+    """The reward maths is pure: importing it (and each of its modules) loads no torch, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grape_rewards.rewards, grape_rewards.rewards.format, grape_rewards.rewards.composite; "
+            "heavy = sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules); "
+            "sys.exit(f'imported {heavy}' if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

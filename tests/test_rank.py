@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grape_rewards.corpus import corpus_rank
 from grape_rewards.rewards import (
-    corpus_rank,
     linear_rank_reward,
     log_rank_reward,
     rank_reward,
@@ -161,7 +161,7 @@ def test_float16_corpus_agrees_with_float32_except_within_its_resolution(device)
 @given(problems(), st.integers(1, 4), st.data())
 def test_rank_is_additive_over_shards(problem, num_shards, data):
     """Sharded: 1 + the sum over shards of the items above the best target, merged, equals the global rank."""
-    from grape_rewards.rewards import finish_rank, merge_counts, scan_counts, target_scores
+    from grape_rewards.corpus import finish_rank, merge_counts, scan_counts, target_scores
 
     q, c, targets, excluded, chunk = problem
     n = c.shape[0]
@@ -182,7 +182,7 @@ def test_rank_is_additive_over_shards(problem, num_shards, data):
 
 
 def test_scan_counts_with_no_threshold_counts_every_unmasked_item_once():
-    from grape_rewards.rewards import column_sums, scan_counts
+    from grape_rewards.corpus import column_sums, scan_counts
 
     c = torch.randn(50, 8)
     q = torch.randn(3, 8)
@@ -204,8 +204,8 @@ def test_scan_counts_with_no_threshold_counts_every_unmasked_item_once():
 def test_the_device_part_of_a_rank_never_waits_for_the_gpu():
     """Target scores and the whole chunked scan queue on the GPU without a single sync (no copy from pageable memory,
     no .item(), no scalar sent per chunk); results come back in one place at the end."""
+    from grape_rewards.corpus import rank as rank_module
     from grape_rewards.devices import to_device
-    from grape_rewards.rewards import rank as rank_module
 
     g = torch.Generator().manual_seed(0)
     corpus = torch.nn.functional.normalize(torch.randn(5000, 32, generator=g), dim=1).half().cuda()

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 CHECK = textwrap.dedent("""
     import torch
-    from grape_rewards.rewards import rank, rank_kernels, scan_counts
+    from grape_rewards.corpus import rank, rank_kernels, scan_counts
 
     device = "{device}"
     g = torch.Generator().manual_seed(0)
@@ -69,7 +69,7 @@ def test_kernel_on_the_gpu_equals_torch():
 
 
 def test_modes_and_auto_uses_the_kernel_only_where_it_checked_equal_and_faster(monkeypatch):
-    from grape_rewards.rewards import rank_kernels
+    from grape_rewards.corpus import rank_kernels
 
     for value, mode in [("", "auto"), ("AUTO", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("false", "off")]:
         monkeypatch.setenv(rank_kernels.ENV, value)
@@ -102,7 +102,7 @@ def test_modes_and_auto_uses_the_kernel_only_where_it_checked_equal_and_faster(m
 def test_probe_reports_a_kernel_that_cannot_run_instead_of_raising():
     """Compiled Triton cannot run on CPU tensors (no interpreter in this process): the check says why, and auto
     would keep the torch path."""
-    from grape_rewards.rewards import rank_kernels
+    from grape_rewards.corpus import rank_kernels
 
     checked = rank_kernels.probe(torch.device("cpu"), rows=4, cols=100, repeats=1)
     assert checked["equal"] is False and checked["error"], checked

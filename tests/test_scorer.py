@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
 
 from grape_rewards.cli import main
-from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, UnknownIdError, build_index
+from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, build_index, corpus_rank
 from grape_rewards.retrievers import ComposedRetriever
-from grape_rewards.rewards import RewardConfig, corpus_rank, sample_keys
-from grape_rewards.scorer import RewardItem, RewardScorer
+from grape_rewards.rewards import RewardConfig, sample_keys
+from grape_rewards.scorer import ItemError, RewardItem, RewardScorer
 
 CAPTIONS = ["a dog runs on the grass", "a cat sleeps on a sofa", "two men play chess in a park",
             "a red car parked on a street", "children swim in a pool", "a dog sleeps on a sofa"]
@@ -53,8 +54,12 @@ def test_completion_extraction_and_format_penalty(minilm, text_index):
 def test_truncation_is_flagged_not_rejected(minilm, text_index):
     scorer = RewardScorer(minilm, text_index)
     long = "a dog runs on the grass " * 80
-    out = scorer.score([RewardItem(rewrite=long, target_ids=["c0"])])[0]
-    assert out["truncated"] == 1.0 and out["num_tokens"] > minilm.max_text_tokens
+    items = [RewardItem(rewrite=long, target_ids=["c0"]), RewardItem(rewrite="a dog runs", target_ids=["c0"])]
+    out, short = scorer.score(items)
+    assert out["truncated"] == 1.0 and out["num_tokens"] > minilm.max_text_tokens and short["truncated"] == 0.0
+    penalised = RewardScorer(minilm, text_index, RewardConfig(format={"truncation_penalty": 0.25}))
+    out_p, short_p = penalised.score(items)
+    assert out_p["reward"] == pytest.approx(out["reward"] - 0.25) and short_p["reward"] == short["reward"]
 
 
 def test_exclusions_and_unknown_ids(minilm, text_index):
@@ -62,7 +67,7 @@ def test_exclusions_and_unknown_ids(minilm, text_index):
     base = scorer.score([RewardItem(rewrite="a dog sleeps on a sofa", target_ids=["c1"])])[0]
     excl = scorer.score([RewardItem(rewrite="a dog sleeps on a sofa", target_ids=["c1"], excluded_ids=["c5"])])[0]
     assert excl["rank"] == base["rank"] - 1 and excl["n"] == base["n"] - 1
-    with pytest.raises(UnknownIdError, match="unknown corpus id 'c99'"):
+    with pytest.raises(ItemError, match="items.0.: unknown corpus id 'c99'"):
         scorer.score([RewardItem(rewrite="x", target_ids=["c99"])])
 
 
@@ -84,14 +89,33 @@ def test_cache_and_relative_mode(minilm, text_index):
         scorer.score([RewardItem(rewrite="a dog", target_ids=["c0"])])
 
 
-def test_thread_safety(minilm, text_index):
+def test_thread_safety(minilm, text_index, monkeypatch):
+    """Concurrent callers get their own rewards, and the retriever (whose fast tokenizer is not safe to share
+    between threads) is never entered by two of them at once: the scorer serialises its batches."""
     scorer = RewardScorer(minilm, text_index)
-    texts = [f"a dog number {i} on the grass" for i in range(24)]
+    texts = [f"a dog number {i} on the grass" for i in range(12)]
     expected = [s["reward"] for s in scorer.score([RewardItem(rewrite=t, target_ids=["c0"]) for t in texts])]
     scorer.embedding_cache = type(scorer.embedding_cache)(0)  # no cache: every call encodes
+    inside, overlaps, guard = [0], [0], threading.Lock()
+    encode = minilm.encode_texts_with_info
+
+    def watched_encode(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            overlaps[0] += inside[0] > 1
+        try:
+            time.sleep(0.005)  # holds the door open: an unserialised second caller would walk in now
+            return encode(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(minilm, "encode_texts_with_info", watched_encode)
     got: dict[int, float] = {}
+    start = threading.Barrier(len(texts))
 
     def work(i: int) -> None:
+        start.wait()
         got[i] = scorer.score([RewardItem(rewrite=texts[i], target_ids=["c0"])])[0]["reward"]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(texts))]
@@ -99,6 +123,7 @@ def test_thread_safety(minilm, text_index):
         t.start()
     for t in threads:
         t.join()
+    assert overlaps[0] == 0
     assert [got[i] for i in range(len(texts))] == pytest.approx(expected, abs=1e-6)
 
 
@@ -146,12 +171,12 @@ def test_cli_index_and_score(tmp_path, capsys):
     assert '"count": 6' in capsys.readouterr().out
     rewrites = tmp_path / "rewrites.jsonl"
     rewrites.write_text(json.dumps({"completion": "<answer>a puppy on a lawn</answer>", "target_ids": ["c0"],
-                                    "note": "kept"}) + "\n" + json.dumps({"rewrite": "chess", "target_ids": ["c2"]})
+                                    "query_id": "kept"}) + "\n" + json.dumps({"rewrite": "chess", "target_ids": ["c2"]})
                         + "\n")
     assert main(["score", "--index", str(tmp_path / "idx"), "--input", str(rewrites), "--output",
                  str(tmp_path / "scored.jsonl"), "--shape", "recall@k", "--k", "1", "--quiet"]) == 0
     scored = [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()]
-    assert [s["rank"] for s in scored] == [1.0, 1.0] and scored[0]["note"] == "kept"
+    assert [s["rank"] for s in scored] == [1.0, 1.0] and scored[0]["query_id"] == "kept"
     assert all(s["reward"] == 1.0 for s in scored)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"rewrite": "x", "target_ids": ["nope"]}) + "\n")
@@ -186,3 +211,58 @@ def test_encoded_rows_can_be_modified_without_touching_the_cache(tiny_open_clip)
     first.zero_()  # Retriever.encode_* promise: callers may modify the result in place
     again, _ = scorer.encode(["a dog", "a cat"])
     assert scorer.embedding_cache.hits == 2 and torch.equal(again, want)
+
+
+OFFLINE_BAD_ROWS = [
+    ("unknown key instead of the text", {"text": "a dog", "target_ids": ["c0"]},
+     ".text: Extra inputs are not permitted"),
+    ("no text", {"target_ids": ["c0"]}, ": give 'completion' (the model's response) or 'rewrite'"),
+    ("no target", {"rewrite": "a dog"}, ".target_ids: Field required"),
+    ("wrong type", {"rewrite": 5, "target_ids": ["c0"]}, ".rewrite: Input should be a valid string"),
+    ("unknown target id", {"rewrite": "a dog", "target_ids": ["c99"]}, ": unknown corpus id 'c99'"),
+    ("relative mode without original_query", {"rewrite": "a dog", "target_ids": ["c0"]},
+     ": the relative reward mode needs original_query"),
+]
+
+
+@pytest.mark.parametrize(("name", "row", "problem"), OFFLINE_BAD_ROWS, ids=[r[0] for r in OFFLINE_BAD_ROWS])
+def test_offline_scoring_refuses_what_the_service_refuses(minilm, text_index, tmp_path, name, row, problem):
+    """`grape-rewards score` refuses a row with its file:line and the very message the service gives the same item
+    in /v1/rewards; nothing is written, and an output file already there is left as it was."""
+    from grape_rewards.scoring_io import score_jsonl
+    from grape_rewards.server.app import validated
+    from grape_rewards.server.protocol import RequestError, parse_native
+
+    config = RewardConfig(relative=name.startswith("relative"))
+    scorer = RewardScorer(minilm, text_index, config)
+    rewrites = tmp_path / "rewrites.jsonl"
+    good = {"rewrite": "a dog", "target_ids": ["c0"], "original_query": "狗"}
+    rewrites.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
+    output = tmp_path / "scored.jsonl"
+    output.write_text("earlier results\n")
+    with pytest.raises(ValueError) as offline:
+        score_jsonl(rewrites, output, scorer, progress=False)
+    assert str(offline.value).startswith(f"{rewrites}:3: row{problem}")
+    assert output.read_text() == "earlier results\n"
+    with pytest.raises(RequestError) as service:
+        items = parse_native({"items": [row]}, max_items=10)
+        validated(scorer, items, "items[{}]")
+    assert service.value.status == 422
+    assert service.value.message.removeprefix("items[0]") == str(offline.value).removeprefix(f"{rewrites}:3: row")
+
+
+def test_offline_scoring_names_a_csv_and_takes_a_bare_target_id(minilm, text_index, tmp_path):
+    from grape_rewards.scoring_io import score_jsonl
+
+    scorer = RewardScorer(minilm, text_index)
+    csv = tmp_path / "rewrites.csv"
+    csv.write_text("rewrite,target_ids\na dog runs on the grass,c0\n")
+    with pytest.raises(ValueError, match=r"rewrites.csv:1: invalid JSON .*looks like a CSV file: --input takes JSON"):
+        score_jsonl(csv, tmp_path / "out.jsonl", scorer, progress=False)
+    assert not (tmp_path / "out.jsonl").exists()
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text(json.dumps({"rewrite": "a dog runs on the grass", "target_ids": "c0", "query_id": "q1"}) + "\n")
+    summary = score_jsonl(bare, tmp_path / "out.jsonl", scorer, progress=False)
+    scored = json.loads((tmp_path / "out.jsonl").read_text())
+    assert summary["count"] == 1.0 and scored["rank"] == 1.0 and scored["query_id"] == "q1"
+    assert scored["target_ids"] == "c0"  # the input row is passed through as given

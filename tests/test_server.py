@@ -142,6 +142,23 @@ def test_openrlhf_without_prompts_and_empty(http: httpx.Client, reference: Rewar
         k: [] for k in r.json()["extra_logs"]}}
 
 
+def test_ids_are_looked_up_once_per_item(http: httpx.Client, scorer: RewardScorer,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service validates a request's items (naming a bad id) and hands their rows to the scan: no second lookup."""
+    looked_up: list[int] = []
+    resolve = scorer.resolve_rows
+
+    def counting(items: Any) -> Any:
+        looked_up.append(len(items))
+        return resolve(items)
+
+    monkeypatch.setattr(scorer, "resolve_rows", counting)
+    items = [{"rewrite": f"a dog number {i}", "target_ids": ["cap000"], "excluded_ids": ["cap001"]} for i in range(3)]
+    r = http.post("/v1/rewards", json={"items": items})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    assert sum(looked_up) == 3
+
+
 def test_overlong_rewrites_truncated_and_flagged(http: httpx.Client, reference: RewardScorer) -> None:
     long_text = " ".join(["a brown dog catches a frisbee in a sunny park"] * 60)  # ~600 tokens > 256
     giant = "dog " * 30_000  # 120k chars: cut before tokenizing, same embedding
@@ -310,7 +327,11 @@ def test_wrong_method_and_path(http: httpx.Client) -> None:
 
 
 def test_healthy_after_bad_inputs(http: httpx.Client) -> None:
-    """Runs after the table above: the service is still ready and still scores."""
+    """After every bad input of the table (sent here, so the test does not depend on the order tests run in), the
+    service is still ready and still scores."""
+    for _, path, body, status, _ in BAD_INPUTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        assert http.post(path, content=content, headers={"Content-Type": "application/json"}).status_code == status
     assert http.get("/ready").status_code == 200
     r = http.post("/get_reward", json={"query": [_GOOD_Q], "prompts": [QWEN_PROMPT], "labels": ["cap000"]})
     assert r.status_code == 200 and len(r.json()["rewards"]) == 1
@@ -320,7 +341,7 @@ def test_queue_full_is_503_with_retry_after(server: ServerThread, http: httpx.Cl
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     batcher = server.app.state.service.batcher
 
-    async def full(items: Any) -> Any:
+    async def full(items: Any, rows: Any = None) -> Any:
         raise QueueFull(8192, len(items), 8192, retry_after=3)
 
     monkeypatch.setattr(batcher, "submit", full)
@@ -390,11 +411,15 @@ class _GatedScorer:
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.batches: list[int] = []
+        self.with_rows = 0
 
-    def score_batch(self, items: list[Any]) -> ScoredBatch:
+    def score_batch(self, items: list[Any], rows: Any = None) -> ScoredBatch:
         self.gate.wait(10)
         if any(i == "poison" for i in items):
             raise ValueError("poisoned item")
+        if rows is not None:  # the validated rows travel with their items, in the same order
+            assert rows[0] == [[i] for i in items] and rows[1] == [[] for _ in items]
+            self.with_rows += 1
         self.batches.append(len(items))
         return ScoredBatch([{"reward": float(i)} for i in items], {})
 
@@ -434,12 +459,13 @@ def test_batcher_coalesces_concurrent_requests() -> None:
         batcher.start()
         blocker = asyncio.ensure_future(batcher.submit([0]))
         await asyncio.sleep(0.05)
-        rest = [asyncio.ensure_future(batcher.submit([i])) for i in range(1, 101)]
+        rest = [asyncio.ensure_future(batcher.submit([i], ([[i]], [[]]))) for i in range(1, 101)]
         await asyncio.sleep(0.05)
         fake.gate.set()
         results = await asyncio.gather(blocker, *rest)
         assert [r[0]["reward"] for r in results] == [float(i) for i in range(101)]
         assert fake.batches == [1, 64, 36]  # everything that queued behind the first batch, in two full batches
+        assert fake.with_rows == 2  # the first batch had no rows to pass; the other two passed theirs
         await batcher.close(timeout=5)
 
     asyncio.run(scenario())

@@ -34,7 +34,7 @@ from grape_rewards.distributed import (
 )
 from grape_rewards.retrievers import TextEmbedder
 from grape_rewards.rewards import RewardConfig
-from grape_rewards.scorer import RewardItem, RewardScorer
+from grape_rewards.scorer import ItemError, RewardItem, RewardScorer
 from grape_rewards.server import ServeConfig
 
 
@@ -266,7 +266,7 @@ def test_reward_scorer_over_shards_gives_identical_samples(minilm: TextEmbedder,
         RewardItem(completion="<think>x</think><answer>a cat sleeping</answer>", target_ids=[ids[50], ids[49]]),
     ]
     assert scorer.score(items) == reference.score(items)
-    with pytest.raises(UnknownIdError):
-        scorer.check_ids([RewardItem(rewrite="x", target_ids=["missing"])])
+    with pytest.raises(ItemError, match="items.0.: unknown corpus id 'missing'"):
+        scorer.validate([RewardItem(rewrite="x", target_ids=["missing"])])
     with pytest.raises(IndexError_, match="unsharded index"):
         load_sharded_scorer(ServeConfig(index=str(caption_index), device="cpu"))

@@ -306,16 +306,16 @@ class InProcessScorer:
 
     def check(self, items: Sequence[RewardItem], where: str = "sample {}") -> None:
         """Raise a ValueError naming the first item the index cannot score (before it joins a batch)."""
-        from grape_rewards.server.protocol import RequestError, check_items
+        from grape_rewards.scorer import ItemError
 
         try:
-            check_items(items, self.scorer, where)
-        except RequestError as exc:
-            raise ValueError(f"grape-rewards: {exc.message}") from None
+            self.scorer.validate(items, where)
+        except ItemError as exc:
+            raise ValueError(f"grape-rewards: {exc}") from None
 
-    def score(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
+    def score(self, items: Sequence[RewardItem], where: str = "sample {}") -> list[dict[str, float]]:
         """Check, then score ``items`` in a batch shared with the other threads; one dict per item."""
-        self.check(items)
+        self.check(items, where)
         return self.batcher.submit(items)
 
     def score_dicts(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
@@ -338,14 +338,14 @@ def in_process(settings: AdapterSettings) -> InProcessScorer:
     with _scorer_lock:
         scorer = _scorers.get(key)
         if scorer is None:
-            from grape_rewards.server.app import load_scorer
-            from grape_rewards.server.config import ServeConfig
+            from grape_rewards.rewards.config import RewardConfig
+            from grape_rewards.scorer import RewardScorer
 
             logger.info("grape-rewards: loading %s (index %s) in-process on %s", settings.retriever or
                         "the index's retriever", settings.index, settings.device)
-            config = ServeConfig(index=settings.index, retriever=settings.retriever,
-                                 reward_config=settings.reward_config, device=settings.device)
-            scorer = InProcessScorer(load_scorer(config))
+            config = RewardConfig.from_yaml(settings.reward_config) if settings.reward_config else RewardConfig()
+            scorer = InProcessScorer(RewardScorer.from_index(settings.index, config, retriever=settings.retriever,
+                                                             device=settings.device))
             _scorers[key] = scorer
         return scorer
 

@@ -56,18 +56,21 @@ def reward_lists(queries: Sequence[str], prompts: Sequence[str] | None, labels: 
 
 def _score_in_process(settings: _common.AdapterSettings, queries: list[str], prompts: Sequence[str] | None,
                       labels: list[Any]) -> dict[str, Any]:
-    from grape_rewards.server.protocol import RequestError, openrlhf_response, parse_openrlhf
+    """The scorer's answer, shaped as the service's ``/get_reward`` answer (no request built or parsed)."""
+    from grape_rewards.framework_io import openrlhf_answer, openrlhf_item
+    from grape_rewards.labels import LabelError, parse_label
 
     local = _common.in_process(settings)
-    config = local.scorer.config
-    body = {"query": queries, "prompts": None if prompts is None else list(prompts), "labels": labels}
-    try:
-        items = parse_openrlhf(body, max_items=1 << 30, max_chars=20000, config=config)
-    except RequestError as exc:
-        raise ValueError(f"grape-rewards: {exc.message}") from None
-    local.check(items, "labels[{}]")
-    samples = local.batcher.submit(items)
-    return openrlhf_response(samples, config)
+    items = []
+    for i, (query, label) in enumerate(zip(queries, labels)):
+        prompt = None if prompts is None else prompts[i]
+        if not isinstance(query, str) or not (prompt is None or isinstance(prompt, str)):
+            raise ValueError(f"grape-rewards: queries[{i}] and prompts[{i}] must be strings")
+        try:
+            items.append(openrlhf_item(query, prompt, parse_label(label)))
+        except LabelError as exc:
+            raise ValueError(f"grape-rewards: labels[{i}]: {exc}") from None
+    return openrlhf_answer(local.score(items, "labels[{}]"), local.scorer.config)
 
 
 def _check_answer(out: Any, n: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""TRL (``GRPOTrainer``): reward-function factories, sync and async.
+"""TRL (``GRPOTrainer``): reward functions, sync and async, as picklable objects (and their factories).
 
     from grape_rewards.adapters.trl import make_reward_func
     trainer = GRPOTrainer(model=..., reward_funcs=[make_reward_func(url="http://127.0.0.1:8000")],
@@ -18,7 +18,7 @@ A service outage is retried, then raised as a RuntimeError; a reward never comes
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from grape_rewards.adapters import _common
@@ -26,7 +26,8 @@ from grape_rewards.adapters import _common
 if TYPE_CHECKING:
     from grape_rewards.scorer import RewardScorer
 
-__all__ = ["DEFAULT_LOG_KEYS", "LABEL_COLUMNS", "completion_text", "make_async_reward_func", "make_reward_func"]
+__all__ = ["DEFAULT_LOG_KEYS", "LABEL_COLUMNS", "AsyncRewardFunc", "RewardFunc", "completion_text",
+           "make_async_reward_func", "make_reward_func"]
 
 LABEL_COLUMNS: tuple[str, ...] = ("grape_label", "label", "target_ids")
 """Dataset columns searched for each row's label, in order, when no ``label_column`` is given."""
@@ -55,12 +56,31 @@ def completion_text(completion: Any) -> str:
                      f"{str(completion)[:120]}")
 
 
-class _RewardCore:
-    """What the sync and async reward functions share: settings, label reading, scoring, logging."""
+class RewardFunc:
+    """A synchronous TRL reward function ``(prompts, completions, **columns) -> list[float]``.
 
-    def __init__(self, url: str | None, token: str | None, timeout: float | None, retries: int | None,
-                 index: str | None, retriever: str | None, reward_config: str | None, device: str | None,
-                 scorer: RewardScorer | None, label_column: str | None, log_keys: Sequence[str]) -> None:
+    An object, not a closure, so that it pickles (TRL, ``accelerate`` and ``datasets`` may copy what they are
+    given to other processes): it holds only its settings, and the client or the in-process scorer is found (or
+    loaded) in each process on first use. One built around an explicit ``scorer`` holds that scorer and pickles
+    only if it does.
+
+    Args:
+        url: the reward service's base URL(s) (default ``GRAPE_REWARD_URL``).
+        token, timeout, retries: service client settings (defaults from ``GRAPE_*``).
+        index, retriever, reward_config, device: in-process scoring when no URL is given.
+        scorer: score with this already loaded scorer (ignores the settings above).
+        label_column: the dataset column holding each row's label (default: the first of :data:`LABEL_COLUMNS`
+            present: ``grape_label``, written by ``grape-rewards prepare``, then ``label``, then ``target_ids``).
+        name: the function's ``__name__`` (TRL logs ``rewards/<name>/mean``).
+        log_keys: statistics logged as ``grape/<key>`` (batch means) through TRL's ``log_metric``.
+    """
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, timeout: float | None = None,
+                 retries: int | None = None, index: str | None = None, retriever: str | None = None,
+                 reward_config: str | None = None, device: str | None = None, scorer: RewardScorer | None = None,
+                 label_column: str | None = None, name: str = "grape_reward",
+                 log_keys: Sequence[str] = DEFAULT_LOG_KEYS) -> None:
+        self.__name__ = self.__qualname__ = name
         self.scorer = scorer
         self.settings = _common.resolve_settings(dict(url=url, token=token, timeout=timeout, retries=retries,
                                                       index=index, retriever=retriever,
@@ -70,7 +90,16 @@ class _RewardCore:
         self.label_column = label_column
         self.log_keys = tuple(log_keys)
 
+    def __repr__(self) -> str:
+        backend = "scorer" if self.scorer is not None else self.settings.mode
+        return f"{type(self).__name__}(name={self.__name__!r}, backend={backend!r})"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        items = self.items(completions, columns)
+        return self.finish(self.score_sync(items), len(items), columns)
+
     def items(self, completions: Sequence[Any], columns: dict[str, Any]) -> list[dict[str, Any]]:
+        """The native reward item of each completion, with the label read from the dataset's label column."""
         candidates = (self.label_column,) if self.label_column else LABEL_COLUMNS
         labels = next((columns[c] for c in candidates if columns.get(c) is not None), None)
         if labels is None:
@@ -95,17 +124,8 @@ class _RewardCore:
                 raise _common.service_error(exc, self.settings) from exc
         return _common.in_process(self.settings).score_dicts(items)
 
-    async def score_async(self, items: list[dict[str, Any]]) -> list[dict[str, float]]:
-        if self.scorer is None and self.settings.mode == "service":
-            from grape_rewards.client import RewardServiceError
-
-            try:
-                return await _common.async_client(self.settings).score(items)
-            except RewardServiceError as exc:
-                raise _common.service_error(exc, self.settings) from exc
-        return await asyncio.to_thread(self.score_sync, items)
-
     def finish(self, samples: list[dict[str, float]], n: int, columns: dict[str, Any]) -> list[float]:
+        """The rewards of ``samples``, after logging the batch means of :attr:`log_keys` through ``log_metric``."""
         if len(samples) != n:
             raise RuntimeError(f"grape-rewards: scored {n} completions but got {len(samples)} results")
         log_metric = columns.get("log_metric")
@@ -116,33 +136,34 @@ class _RewardCore:
         return [_common.finite(s["reward"]) for s in samples]
 
 
+class AsyncRewardFunc(RewardFunc):
+    """The ``async`` twin of :class:`RewardFunc` (TRL runs async reward functions concurrently); picklable too."""
+
+    async def __call__(  # type: ignore[override]
+            self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        items = self.items(completions, columns)
+        return self.finish(await self.score_async(items), len(items), columns)
+
+    async def score_async(self, items: list[dict[str, Any]]) -> list[dict[str, float]]:
+        if self.scorer is None and self.settings.mode == "service":
+            from grape_rewards.client import RewardServiceError
+
+            try:
+                return await _common.async_client(self.settings).score(items)
+            except RewardServiceError as exc:
+                raise _common.service_error(exc, self.settings) from exc
+        return await asyncio.to_thread(self.score_sync, items)
+
+
 def make_reward_func(url: str | None = None, *, token: str | None = None, timeout: float | None = None,
                      retries: int | None = None, index: str | None = None, retriever: str | None = None,
                      reward_config: str | None = None, device: str | None = None,
                      scorer: RewardScorer | None = None, label_column: str | None = None,
-                     name: str = "grape_reward",
-                     log_keys: Sequence[str] = DEFAULT_LOG_KEYS) -> Callable[..., list[float]]:
-    """A synchronous TRL reward function ``(prompts, completions, **columns) -> list[float]``.
-
-    Args:
-        url: the reward service's base URL(s) (default ``GRAPE_REWARD_URL``).
-        token, timeout, retries: service client settings (defaults from ``GRAPE_*``).
-        index, retriever, reward_config, device: in-process scoring when no URL is given.
-        scorer: score with this already loaded scorer (ignores the settings above).
-        label_column: the dataset column holding each row's label (default: the first of :data:`LABEL_COLUMNS`
-            present: ``grape_label``, written by ``grape-rewards prepare``, then ``label``, then ``target_ids``).
-        name: the function's ``__name__`` (TRL logs ``rewards/<name>/mean``).
-        log_keys: statistics logged as ``grape/<key>`` (batch means) through TRL's ``log_metric``.
-    """
-    core = _RewardCore(url, token, timeout, retries, index, retriever, reward_config, device, scorer, label_column,
-                       log_keys)
-
-    def reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
-        items = core.items(completions, columns)
-        return core.finish(core.score_sync(items), len(items), columns)
-
-    reward.__name__ = reward.__qualname__ = name
-    return reward
+                     name: str = "grape_reward", log_keys: Sequence[str] = DEFAULT_LOG_KEYS) -> RewardFunc:
+    """A synchronous TRL reward function: a :class:`RewardFunc` (its arguments are documented there)."""
+    return RewardFunc(url, token=token, timeout=timeout, retries=retries, index=index, retriever=retriever,
+                      reward_config=reward_config, device=device, scorer=scorer, label_column=label_column,
+                      name=name, log_keys=log_keys)
 
 
 def make_async_reward_func(url: str | None = None, *, token: str | None = None, timeout: float | None = None,
@@ -150,14 +171,8 @@ def make_async_reward_func(url: str | None = None, *, token: str | None = None, 
                            reward_config: str | None = None, device: str | None = None,
                            scorer: RewardScorer | None = None, label_column: str | None = None,
                            name: str = "grape_reward",
-                           log_keys: Sequence[str] = DEFAULT_LOG_KEYS) -> Callable[..., Awaitable[list[float]]]:
-    """The ``async`` twin of :func:`make_reward_func` (TRL runs async reward functions concurrently)."""
-    core = _RewardCore(url, token, timeout, retries, index, retriever, reward_config, device, scorer, label_column,
-                       log_keys)
-
-    async def reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
-        items = core.items(completions, columns)
-        return core.finish(await core.score_async(items), len(items), columns)
-
-    reward.__name__ = reward.__qualname__ = name
-    return reward
+                           log_keys: Sequence[str] = DEFAULT_LOG_KEYS) -> AsyncRewardFunc:
+    """An ``async`` TRL reward function: an :class:`AsyncRewardFunc` (arguments as for :class:`RewardFunc`)."""
+    return AsyncRewardFunc(url, token=token, timeout=timeout, retries=retries, index=index, retriever=retriever,
+                           reward_config=reward_config, device=device, scorer=scorer, label_column=label_column,
+                           name=name, log_keys=log_keys)

@@ -2,12 +2,48 @@
 
 from .build import build_index, index_info
 from .index import CorpusIndex, IndexError_, UnknownIdError, read_manifest
+from .rank import (
+    CUDA_CHUNK_ELEMENTS,
+    DEFAULT_CHUNK_ELEMENTS,
+    RankStats,
+    ScanCounts,
+    chunk_rows,
+    column_sums,
+    corpus_rank,
+    default_chunk_elements,
+    finish_rank,
+    merge_counts,
+    scan_counts,
+    target_scores,
+)
 from .search import build_searcher, faiss_available, torch_topk
-from .source import CorpusSource, CorpusSourceError, read_image_folder, read_source
-from .source import read_manifest as read_source_manifest
+from .source import CorpusSource, CorpusSourceError, read_image_folder, read_source, read_source_manifest
 
 __all__ = [
-    "CorpusIndex", "CorpusSource", "CorpusSourceError", "IndexError_", "UnknownIdError", "build_index",
-    "build_searcher", "faiss_available", "index_info", "read_image_folder", "read_manifest", "read_source",
-    "read_source_manifest", "torch_topk",
+    "CUDA_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "CorpusIndex",
+    "CorpusSource",
+    "CorpusSourceError",
+    "IndexError_",
+    "RankStats",
+    "ScanCounts",
+    "UnknownIdError",
+    "build_index",
+    "build_searcher",
+    "chunk_rows",
+    "column_sums",
+    "corpus_rank",
+    "default_chunk_elements",
+    "faiss_available",
+    "finish_rank",
+    "index_info",
+    "merge_counts",
+    "read_image_folder",
+    "read_manifest",
+    "read_source",
+    "read_source_manifest",
+    "scan_counts",
+    "target_scores",
+    "torch_topk",
 ]

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..devices import to_device
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
 from .files import sha256_file
+from .rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
 
 INDEX_FORMAT = "grape-rewards-index"
 INDEX_VERSION = 1

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, chunk_rows, score_block
+from .rank import DEFAULT_CHUNK_ELEMENTS, chunk_rows, score_block
 
 logger = logging.getLogger(__name__)
 

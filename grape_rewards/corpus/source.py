@@ -103,7 +103,7 @@ def _record_fields(record: dict, where: str) -> tuple[str, str, Literal["image",
     return str(record["id"]), str(record["text"]), "text"
 
 
-def read_manifest(path: str | Path) -> CorpusSource:
+def read_source_manifest(path: str | Path) -> CorpusSource:
     """A JSONL (``{"id": ..., "image": path}`` or ``{"id": ..., "text": ...}`` per line) or CSV (header
     ``id,image`` or ``id,text``) manifest. Relative image paths are read from the manifest's folder."""
     path = Path(path)
@@ -146,4 +146,4 @@ def _manifest_records(path: Path) -> Iterable[tuple[int, dict]]:
 def read_source(path: str | Path) -> CorpusSource:
     """An image folder, or a ``.jsonl`` / ``.json`` / ``.csv`` manifest."""
     p = Path(path)
-    return read_image_folder(p) if p.is_dir() else read_manifest(p)
+    return read_image_folder(p) if p.is_dir() else read_source_manifest(p)

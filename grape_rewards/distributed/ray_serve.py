@@ -263,9 +263,9 @@ def add_shard_error_handlers(app: FastAPI, retry_after_s: float) -> None:
     state = app.state.service
     score = state.score
 
-    async def score_or_503(items: Any) -> Any:
+    async def score_or_503(items: Any, rows: Any) -> Any:
         try:
-            return await score(items)
+            return await score(items, rows)
         except (ShardUnavailable, IncompleteCorpusError) as exc:
             raise problem(exc) from None
 

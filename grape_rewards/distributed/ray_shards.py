@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..corpus.index import CorpusIndex, IndexError_
-from ..rewards.rank import scan_counts, target_scores
+from ..corpus.rank import scan_counts, target_scores
 from .shard import ShardScan, ShardSet, ShardUnavailable, read_shard_set
 
 logger = logging.getLogger(__name__)

@@ -9,13 +9,13 @@ Layout written by :func:`shard_index` (``grape-rewards index shard DIR --out OUT
 
 Shard ``i`` holds the parent's contiguous rows ``[row_offset, row_offset + rows)``, stored bytes unchanged, so the
 shards of an index rank exactly as the index does. Rank is additive over a partition (see
-:class:`~grape_rewards.rewards.rank.ScanCounts`); :class:`ShardedIndex` ranks in two phases:
+:class:`~grape_rewards.corpus.rank.ScanCounts`); :class:`ShardedIndex` ranks in two phases:
 
-1. each shard holding some of a query's targets scores them (:func:`~grape_rewards.rewards.rank.target_scores`);
+1. each shard holding some of a query's targets scores them (:func:`~grape_rewards.corpus.rank.target_scores`);
    the best target score is the max over those shards;
 2. every shard counts its items above that threshold, leaving out its own rows of the query's targets and
-   exclusions (:func:`~grape_rewards.rewards.rank.scan_counts`); the counts are summed
-   (:func:`~grape_rewards.rewards.rank.merge_counts`).
+   exclusions (:func:`~grape_rewards.corpus.rank.scan_counts`); the counts are summed
+   (:func:`~grape_rewards.corpus.rank.merge_counts`).
 
 A result is returned only if all S shards answered and the merged number of candidates equals
 ``N - |T ∪ E|`` for every query: a missing shard is an error (:class:`IncompleteCorpusError`), never a smaller N.
@@ -47,7 +47,7 @@ from ..corpus.index import (
     lookup_rows,
     read_manifest,
 )
-from ..rewards.rank import (
+from ..corpus.rank import (
     DEFAULT_CHUNK_ELEMENTS,
     RankStats,
     ScanCounts,
@@ -572,4 +572,5 @@ def load_sharded_scorer(config: ServeConfig, backend: ShardBackend | None = None
     if not spec:
         raise IndexError_(f"sharded index {config.index} does not name its retriever; pass --retriever")
     retriever = create_retriever(spec, device=config.device, fusion=config.fusion, image_weight=config.image_weight)
-    return RewardScorer(retriever, index, config.load_reward_config(), cache_size=config.cache_size)
+    return RewardScorer(retriever, index, config.load_reward_config(), cache_size=config.cache_size,
+                        max_text_chars=config.max_text_chars)

@@ -25,7 +25,7 @@ def _named_paths(items: list[str]) -> list[tuple[str | None, Path]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..cli import retriever_from_args
+    from ..cli_args import retriever_from_args
     from ..corpus.index import read_manifest
     from ..retrievers.composed import ComposedRetriever
     from ..rewrite.cli import benchmark_from_args
@@ -68,14 +68,14 @@ def cmd_inflation_report(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``eval`` and ``inflation-report`` to the sub-commands."""
-    from ..cli import _add_retriever_args
+    from ..cli_args import add_retriever_args
     from ..rewrite.cli import add_benchmark_args
 
     p = subparsers.add_parser("eval", help="Recall@K of original queries and rewrite files; inflation report; "
                                            "CIRR submissions", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(p)
-    _add_retriever_args(p, required=False)
+    add_retriever_args(p, required=False)
     p.add_argument("--out", required=True, type=Path, help="folder for metrics.json/.md, inflation.json/.md/.png, "
                                                            "submissions/")
     p.add_argument("--rewrites", action="append", default=[], metavar="[NAME=]PATH",

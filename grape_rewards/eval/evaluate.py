@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from ..corpus.build import build_index
 from ..corpus.index import CorpusIndex, IndexError_, read_manifest
+from ..corpus.rank import DEFAULT_CHUNK_ELEMENTS, RankStats
 from ..corpus.source import CorpusSource
 from ..datasets.schema import Benchmark, Query
 from ..retrievers.base import Retriever
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats
 from .inflation_report import SimilarityDistribution, from_rank_stats
 from .metrics import CIRR_RECALL_KS, CIRR_SUBMISSION_TOP_K, CIRR_SUBSET_KS, recall_at_k, subset_ranks, top_k_ids
 

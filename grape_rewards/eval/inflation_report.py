@@ -26,7 +26,7 @@ import numpy as np
 from ..jsonl import jsonl_objects
 
 if TYPE_CHECKING:
-    from ..rewards.rank import RankStats
+    from ..corpus.rank import RankStats
 
 SIMILARITIES: tuple[str, ...] = ("target_sim", "best_nontarget_sim", "mean_sim")
 """The three similarities compared: to the (best) target, to the best non-target, to the average non-target."""

@@ -1,6 +1,6 @@
 """Recall@K from 1-based ranks, CIRR's Recall_subset rank, and CIRR test-server submission files.
 
-Ranks follow the convention of :mod:`grape_rewards.rewards.rank`: the rank of a target is
+Ranks follow the convention of :mod:`grape_rewards.corpus.rank`: the rank of a target is
 ``1 + |{candidates c, c not a target, c not excluded : s(q, c) > s(q, target)}|`` -- ties count in the
 target's favour, and excluded items (CIRR's reference image) are never candidates.
 

@@ -1,10 +1,9 @@
 """Which ``scaled_dot_product_attention`` kernel the text towers use on a GPU: the fastest, measured once.
 
 Rewrites are short (10-30 tokens), a shape the attention kernels handle very unevenly, and PyTorch picks a kernel
-by priority, not by speed: on an H200 (torch 2.11) the kernel it picked for open_clip's masked attention, cuDNN's,
-took 0.63 ms per layer for 1,024 texts of 22 tokens, about 20x what reading and writing q, k, v and the output
-costs. So on CUDA, the first encode on a device times each kernel PyTorch offers on a text-shaped problem
-(causal, the tower's heads and head size) and keeps the fastest; every kernel computes the same attention
+by priority, not by speed (what its pick cost on an H200: docs/shortcuts.md). So on CUDA, the first encode on a
+device times each kernel PyTorch offers on a text-shaped problem (causal, the tower's heads and head size) and keeps
+the fastest; every kernel computes the same attention
 (results agree within floating-point tolerance). Which one wins, and by how much, ``benchmarks/bench_gpu.py``
 records; it has not yet run on a GPU.
 

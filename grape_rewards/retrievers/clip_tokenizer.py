@@ -1,9 +1,9 @@
 r"""open_clip's CLIP tokenizer, token for token, without its per-text Python cost on plain text.
 
 open_clip's ``SimpleTokenizer`` cleans every text with ftfy and splits it with the ``regex`` module before its
-byte-pair encoding: about 30 µs a text, so a GRPO step of 1,024 rewrites spends ~35 ms tokenizing on the host,
-several times what a GPU needs to encode and rank them. :class:`FastCLIPTokenizer` gives the same ids in a few
-µs, in two exact steps:
+byte-pair encoding, per text in Python: on a GPU, tokenizing a GRPO step's rewrites on the host can cost more than
+encoding and ranking them (measured: docs/shortcuts.md). :class:`FastCLIPTokenizer` gives the same ids at a
+fraction of the cost, in two exact steps:
 
 - Cleaning: a text of printable ASCII (tabs and line breaks allowed) without ``&`` is left alone by ftfy and
   ``html.unescape``, so open_clip's ``lower`` cleaning reduces to collapsing whitespace and lower-casing; any

@@ -283,7 +283,7 @@ def causal_transformer(transformer: torch.nn.Module, x: torch.Tensor) -> torch.T
 
     The same blocks, weights and order of operations as ``Transformer.forward`` with its causal ``attn_mask``, but
     attention runs through ``scaled_dot_product_attention(is_causal=True)``, which has flash kernels, instead of
-    ``nn.MultiheadAttention`` with an additive float mask, which on an H200 ran 30x slower for 20-token texts.
+    ``nn.MultiheadAttention`` with an additive float mask (much slower on a GPU for short texts: docs/shortcuts.md).
     On a GPU the attention kernel is the fastest one measured for the shape (:mod:`.attention`).
     """
     fn = torch.nn.functional

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .config import RewardConfig
 from .format import Extraction
-from .shapes import rank_reward
+from .shapes import rank_reward, relative_rank_reward
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 _RECALL_KEYS = tuple((k, f"recall_at_{k}") for k in RECALL_KS)
@@ -18,7 +18,7 @@ def sample_keys(config: RewardConfig) -> tuple[str, ...]:
     """
     keys = ["reward", "part_rank", "part_similarity", "part_format", "rank", "n"]
     keys += [f"recall_at_{k}" for k in RECALL_KS]
-    keys += ["target_sim", "mean_sim", "best_nontarget_sim", "margin", "format_ok", "truncated", "num_tokens"]
+    keys += ["target_sim", "mean_sim", "best_nontarget_sim", "margin", "format_ok", "truncated", "num_tokens", "scored"]
     if config.relative:
         keys += ["original_rank"]
     return tuple(keys)
@@ -41,7 +41,8 @@ def score_sample(
     reward = w_rank * part_rank + w_similarity * target_sim + w_format * format_ok
              - overlong_penalty * overlong - truncation_penalty * truncated,
     where part_rank = shape(rank) (or shape(rank) - shape(original_rank) in the relative mode).
-    An empty or missing rewrite gets ``invalid_reward`` and the worst statistics (rank = n).
+    An empty or missing rewrite gets ``invalid_reward`` and the worst statistics (rank = n); ``scored`` says
+    which of the two a sample got (1.0: ranked, 0.0: the format penalty).
 
     >>> from grape_rewards.rewards.format import Extraction
     >>> out = score_sample(RewardConfig(), Extraction("a dog", "ok"), rank=3, n=100,
@@ -55,10 +56,11 @@ def score_sample(
     scorable = extraction.scorable
     if not scorable:
         rank, target_sim, mean_sim, best_nontarget_sim, num_tokens, truncated = n, 0.0, 0.0, 0.0, 0, False
-    part_rank = rank_reward(rank, n, config.shape, config.k)
     if config.relative:
         assert original_rank is not None
-        part_rank -= rank_reward(original_rank, n, config.shape, config.k)
+        part_rank = relative_rank_reward(rank, original_rank, n, config.shape, config.k)
+    else:
+        part_rank = rank_reward(rank, n, config.shape, config.k)
     part_format = 1.0 if extraction.ok else 0.0
     w = config.weights
     if scorable:
@@ -86,6 +88,7 @@ def score_sample(
     out["format_ok"] = part_format
     out["truncated"] = 1.0 if truncated else 0.0
     out["num_tokens"] = float(num_tokens)
+    out["scored"] = 1.0 if scorable else 0.0
     if config.relative:
         out["original_rank"] = float(original_rank)  # type: ignore[arg-type]
     return out

@@ -26,17 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import __version__
-from ..corpus.index import CorpusIndex, IndexError_, read_manifest
-from ..scorer import RewardItem, RewardScorer
+from ..framework_io import native_answer, openrlhf_answer
+from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
 from .batcher import BatcherClosed, MicroBatcher, QueueFull
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE, ENDPOINTS, ServiceMetrics
 from .protocol import (
     RequestError,
-    check_items,
     dumps,
-    native_response,
-    openrlhf_response,
     parse_body,
     parse_native,
     parse_openrlhf,
@@ -127,24 +124,22 @@ class ServiceState:
         """``POST /get_reward`` (OpenRLHF) from body to answer; raises RequestError / HTTPProblem."""
         scorer = self.require_ready()
         config = self.config
-        items = parse_openrlhf(parse_body(body), config.max_items_per_request, config.max_text_chars, scorer.config)
-        check_items(items, scorer, "labels[{}]")
-        samples = await self.score(items)
-        return dumps(openrlhf_response(samples, scorer.config))
+        items = parse_openrlhf(parse_body(body), config.max_items_per_request)
+        samples = await self.score(items, validated(scorer, items, "labels[{}]"))
+        return dumps(openrlhf_answer(samples, scorer.config))
 
     async def rewards(self, body: bytes) -> bytes:
         """``POST /v1/rewards`` (native) from body to answer; raises RequestError / HTTPProblem."""
         scorer = self.require_ready()
         config = self.config
-        items = parse_native(parse_body(body), config.max_items_per_request, config.max_text_chars, scorer.config)
-        check_items(items, scorer, "items[{}]")
-        samples = await self.score(items)
-        return dumps(native_response(samples, scorer.keys))
+        items = parse_native(parse_body(body), config.max_items_per_request)
+        samples = await self.score(items, validated(scorer, items, "items[{}]"))
+        return dumps(native_answer(samples, scorer.keys))
 
-    async def score(self, items: list[RewardItem]) -> list[dict[str, float]]:
+    async def score(self, items: list[RewardItem], rows: ItemRows) -> list[dict[str, float]]:
         assert self.batcher is not None
         try:
-            return await self.batcher.submit(items)
+            return await self.batcher.submit(items, rows)
         except QueueFull as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise HTTPProblem(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
@@ -156,18 +151,20 @@ class ServiceState:
             raise HTTPProblem(422, str(message)) from None
 
 
-def load_scorer(config: ServeConfig) -> RewardScorer:
-    """Build the retriever, load the index (refusing a fingerprint mismatch), and make the scorer."""
-    from ..retrievers import create_retriever
+def validated(scorer: RewardScorer, items: list[RewardItem], where: str) -> ItemRows:
+    """:meth:`RewardScorer.validate`, its refusal answered 422."""
+    try:
+        return scorer.validate(items, where)
+    except ItemError as exc:
+        raise RequestError(422, str(exc)) from None
 
-    reward_config = config.load_reward_config()
-    spec = config.retriever or read_manifest(config.index).get("retriever", {}).get("spec")
-    if not spec:
-        raise IndexError_(f"index {config.index} does not name its retriever; pass --retriever")
-    retriever = create_retriever(spec, device=config.device, fusion=config.fusion, image_weight=config.image_weight)
-    index = CorpusIndex.load(config.index, device=retriever.device, expected_fingerprint=retriever.fingerprint,
-                             expected_spec=retriever.spec)
-    return RewardScorer(retriever, index, reward_config, cache_size=config.cache_size)
+
+def load_scorer(config: ServeConfig) -> RewardScorer:
+    """The scorer the config names (:meth:`RewardScorer.from_index`: a fingerprint mismatch is refused)."""
+    return RewardScorer.from_index(
+        config.index, config.load_reward_config(), retriever=config.retriever, device=config.device,
+        fusion=config.fusion, image_weight=config.image_weight,
+        scorer_options={"cache_size": config.cache_size, "max_text_chars": config.max_text_chars})
 
 
 def warm_up(scorer: RewardScorer) -> None:
@@ -185,8 +182,7 @@ def tune_gc(young_threshold: int = 100_000) -> None:
     collector never scans again, and the young generation is collected every ``young_threshold`` allocations
     instead of 700. A scored request allocates a few hundred container objects, and with the default thresholds
     the collections they trigger (full ones walking every loaded object) were the largest per-request cost of the
-    service: measured on a 2-core CPU with a near-free retriever, one process answered ~5,700 single-sample
-    requests/s before and ~11,000-13,000 after. Cycles created later are still collected.
+    service (measured: docs/shortcuts.md). Cycles created later are still collected.
     """
     gc.collect()
     gc.freeze()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..rewards.inflation import inflation_summary
 
 if TYPE_CHECKING:
-    from ..scorer import RewardItem, RewardScorer
+    from ..scorer import ItemRows, RewardItem, RewardScorer
     from .metrics import ServiceMetrics
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,18 @@ class BatcherClosed(RuntimeError):
 @dataclass
 class _Request:
     items: Sequence[RewardItem]
+    rows: ItemRows | None
+    """What :meth:`RewardScorer.validate` returned for the items (None: the scorer validates them)."""
     future: asyncio.Future
     enqueued: float
+
+
+def _joined_rows(batch: Sequence[_Request]) -> ItemRows | None:
+    """The rows of a batch's requests, concatenated as their items are (None unless every request has them)."""
+    if any(r.rows is None for r in batch):
+        return None
+    return ([t for r in batch for t in r.rows[0]],  # type: ignore[index]
+            [e for r in batch for e in r.rows[1]])  # type: ignore[index]
 
 
 class MicroBatcher:
@@ -110,10 +120,6 @@ class MicroBatcher:
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._closing
 
-    @property
-    def queued_items(self) -> int:
-        return self._queued_items
-
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking work, answer everything already queued, then stop the worker thread."""
         self._closing = True
@@ -130,11 +136,12 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     # -- submitting -----------------------------------------------------------------------------------
-    async def submit(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
+    async def submit(self, items: Sequence[RewardItem], rows: ItemRows | None = None) -> list[dict[str, float]]:
         """Score ``items`` in the next batch with room; one result dict per item, in order.
 
         Raises :class:`QueueFull` when the queue cannot take them, :class:`BatcherClosed` while draining.
-        Validate ids first (``scorer.check_ids``): the batch fallback isolates a bad request, at a cost.
+        Validate first and pass the rows (``rows = scorer.validate(items)``): the ids are then looked up once, and
+        a bad request is refused before it joins a batch (the batch fallback isolates it too, at a cost).
         """
         if self._closing or self._task is None:
             raise BatcherClosed("the reward service is shutting down" if self._closing else
@@ -146,7 +153,7 @@ class MicroBatcher:
             raise QueueFull(self._queued_items, n, self.max_queue, self.retry_after)
         assert self._loop is not None and self._wakeup is not None
         future = self._loop.create_future()
-        self._queue.append(_Request(items, future, time.perf_counter()))
+        self._queue.append(_Request(items, rows, future, time.perf_counter()))
         self._queued_items += n
         self._wakeup.set()
         if self._filled is not None and self._queued_items >= self._fill_target and not self._filled.done():
@@ -210,7 +217,7 @@ class MicroBatcher:
         items = [item for r in batch for item in r.items]
         self.batches += 1
         try:
-            scored = await loop.run_in_executor(self._executor, self.scorer.score_batch, items)
+            scored = await loop.run_in_executor(self._executor, self.scorer.score_batch, items, _joined_rows(batch))
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)
@@ -222,7 +229,8 @@ class MicroBatcher:
                 self.metrics.batch_failures.inc()
             for request in batch:
                 try:
-                    alone = await loop.run_in_executor(self._executor, self.scorer.score_batch, request.items)
+                    alone = await loop.run_in_executor(self._executor, self.scorer.score_batch, request.items,
+                                                       request.rows)
                 except Exception as exc_alone:
                     _settle(request.future, exc=exc_alone)
                 else:

@@ -1,4 +1,4 @@
-"""``grape-rewards serve``: run the reward service with uvicorn.
+"""``grape-rewards serve``: run the reward service with uvicorn (the verb itself is :mod:`grape_rewards.serve_cli`).
 
     grape-rewards serve --index DIR [--retriever SPEC] [--config serve.yaml] [--device cuda] [--port 8000] ...
 
@@ -34,13 +34,10 @@ def _flag_type(annotation: Any) -> tuple[Any, list[str] | None]:
     return str, None
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``serve`` sub-command to the ``grape-rewards`` parser."""
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config`` and one flag per :class:`~grape_rewards.server.config.ServeConfig` field."""
     from .config import ServeConfig
 
-    p = sub.add_parser(
-        "serve", help="run the remote reward service (OpenRLHF /get_reward, /v1/rewards, /retrieve, /metrics)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file of serve settings (ServeConfig fields); also GRAPE_CONFIG")
     for name, field in ServeConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -53,24 +50,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         kind, choices = _flag_type(field.annotation)
         p.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text,
                        metavar=None if choices else name.upper())
-    from ..distributed.ray_serve import add_ray_arguments  # imports neither Ray nor torch
-
-    add_ray_arguments(p)
-    p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Validate the config, refuse an unsafe bind, load the index (checked), then serve until SIGTERM."""
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~grape_rewards.server.config.ServeConfig` of :func:`add_serve_arguments`' flags (over the
+    environment, over the YAML file), its bind checked before anything is loaded, and the service's logging set."""
     from .config import ServeConfig, load_config
 
     flags = {name: getattr(args, name, None) for name in ServeConfig.model_fields}
     config = load_config(args.config, flags)
     config.check_bind()  # before anything is loaded: fail fast
     _configure_logging(config.log_level)
-    if getattr(args, "ray", False):
-        from ..distributed.ray_serve import run_from_args
+    return config
 
-        return run_from_args(config, args)
+
+def run(config: Any) -> int:
+    """Load the scorer (the index checked), then serve until SIGTERM."""
     from .app import create_app, load_scorer
 
     logger.info("loading %s (index %s) on %s", config.retriever or "the index's retriever", config.index,

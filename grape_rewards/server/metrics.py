@@ -173,7 +173,7 @@ class ServiceMetrics:
         self.samples.inc(len(samples))
         self.reward.observe_many([s["reward"] for s in samples])
         # Samples without a rewrite carry placeholder similarities: left out of the similarity statistics.
-        scored = [s for s in samples if not (s["format_ok"] == 0.0 and s["num_tokens"] == 0.0)]
+        scored = [s for s in samples if s["scored"] == 1.0]
         target = [s["target_sim"] for s in scored]
         mean = [s["mean_sim"] for s in scored]
         self.target_sim.observe_many(target)
