@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..devices import to_device
-from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
+from ..rewards.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank, max_row_norm
 from .files import sha256_file
 
 INDEX_FORMAT = "grape-rewards-index"
@@ -96,6 +96,7 @@ class CorpusIndex:
         self.path = Path(path) if path is not None else None
         self._searcher: Any = None
         self._column_sums: torch.Tensor | None = None
+        self._max_row_norm: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,6 +115,13 @@ class CorpusIndex:
         if self._column_sums is None:
             self._column_sums = column_sums(self.embeddings)
         return self._column_sums
+
+    @property
+    def max_row_norm(self) -> float:
+        """The largest L2 norm of a row (computed once): bounds the rounding of every score (exact ties)."""
+        if self._max_row_norm is None:
+            self._max_row_norm = max_row_norm(self.embeddings)
+        return self._max_row_norm
 
     @property
     def fingerprint(self) -> str | None:
@@ -196,7 +204,7 @@ class CorpusIndex:
     ) -> RankStats:
         """:meth:`rank` for ids already resolved to rows (:meth:`rows`): what a caller that validated them calls."""
         return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements,
-                           corpus_sum=self.column_sums)
+                           corpus_sum=self.column_sums, corpus_norm=self.max_row_norm)
 
     def search(self, queries: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, list[list[str]]]:
         """Top-``k`` corpus items of each query: (scores (Q, k), ids). FAISS when installed, else exact torch."""
