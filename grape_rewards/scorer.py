@@ -5,6 +5,7 @@ The CLI's ``score``, the reward service and the in-process adapters all call :cl
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -50,11 +51,29 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())  # str.split and re's \s agree on what whitespace is
 
 
-class LRUCache:
-    """A small thread-safe LRU map with hit/miss counters."""
+def approx_bytes(obj: object) -> int:
+    """Memory held by a cache key or value: strings, tensors and tuples of them counted, small scalars ~nothing.
 
-    def __init__(self, capacity: int) -> None:
+    >>> approx_bytes(("fp", "a dog")) > approx_bytes(("fp", "")), approx_bytes(torch.zeros(8))
+    (True, 32)
+    """
+    if isinstance(obj, str):
+        return sys.getsizeof(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, tuple):
+        return sum(approx_bytes(x) for x in obj) + 8 * len(obj)
+    return 32
+
+
+class LRUCache:
+    """A small thread-safe LRU map with hit/miss counters, bounded by entries and by bytes (:func:`approx_bytes`
+    of keys and values: the keys are client texts, so an entry count alone does not bound memory)."""
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._data: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -65,18 +84,25 @@ class LRUCache:
             if key in self._data:
                 self._data.move_to_end(key)
                 self.hits += 1
-                return self._data[key]
+                return self._data[key][0]
             self.misses += 1
             return None
 
     def put(self, key: object, value: object) -> None:
         if self.capacity <= 0:
             return
+        size = approx_bytes(key) + approx_bytes(value) if self.max_bytes is not None else 0
+        if self.max_bytes is not None and size > self.max_bytes:
+            return  # larger than the whole cache: not kept
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            self._data[key] = (value, size)
+            self.nbytes += size
+            while len(self._data) > self.capacity or (self.max_bytes is not None and self.nbytes > self.max_bytes):
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.nbytes -= dropped
 
     def __len__(self) -> int:
         return len(self._data)
@@ -94,6 +120,7 @@ class RewardScorer:
 
     Args:
         cache_size: query embeddings kept (GRPO groups repeat rewrites); original-query ranks keep as many.
+        cache_bytes: most bytes each of the two caches holds (keys are texts; None: bounded by entries only).
         chunk_elements: bound on the query x corpus scores held at once (default: 2^24 on the CPU, 2^26 on a GPU).
         encode_batch_size: texts per encoder call; texts are sorted by length first, so smaller calls pad less
             (on an H200, 1,024 ViT-L/14 rewrites took 21-25 ms as four calls of 256 and 19-30 ms as one call
@@ -102,7 +129,7 @@ class RewardScorer:
 
     def __init__(self, retriever: Retriever, index: CorpusIndex, config: RewardConfig | None = None,
                  cache_size: int = 65536, chunk_elements: int | None = None,
-                 encode_batch_size: int = 256) -> None:
+                 encode_batch_size: int = 256, cache_bytes: int | None = 512 * 1024 * 1024) -> None:
         if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
             raise IndexError_(
                 f"index {index.name} was built with retriever {index.manifest['retriever'].get('spec')!r} "
@@ -116,8 +143,8 @@ class RewardScorer:
         self.config = config or RewardConfig()
         self.chunk_elements = chunk_elements or default_chunk_elements(index.device)
         self.encode_batch_size = encode_batch_size
-        self.embedding_cache = LRUCache(cache_size)
-        self.original_rank_cache = LRUCache(cache_size)
+        self.embedding_cache = LRUCache(cache_size, cache_bytes)
+        self.original_rank_cache = LRUCache(cache_size, cache_bytes)
         self.keys = sample_keys(self.config)
         self._lock = threading.Lock()
 

@@ -572,4 +572,5 @@ def load_sharded_scorer(config: ServeConfig, backend: ShardBackend | None = None
     if not spec:
         raise IndexError_(f"sharded index {config.index} does not name its retriever; pass --retriever")
     retriever = create_retriever(spec, device=config.device, fusion=config.fusion, image_weight=config.image_weight)
-    return RewardScorer(retriever, index, config.load_reward_config(), cache_size=config.cache_size)
+    return RewardScorer(retriever, index, config.load_reward_config(), cache_size=config.cache_size,
+                        cache_bytes=config.cache_bytes)

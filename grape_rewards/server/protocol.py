@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,12 +67,39 @@ OPENRLHF_LOG_KEYS: tuple[str, ...] = ("rank", "recall_at_1", "recall_at_5", "rec
 
 
 class RequestError(ValueError):
-    """A request the service cannot score; ``status`` is the HTTP status (400, 413 or 422)."""
+    """A request the service cannot score; ``status`` is the HTTP status (400, 408, 413 or 422).
+
+    The message is made printable as UTF-8 (a lone surrogate echoed from the request is escaped), so it can
+    always be sent back.
+    """
 
     def __init__(self, status: int, message: str) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, where: str, max_chars: int) -> str:
+    """A text that reaches the encoder, cut to ``max_chars`` characters; a lone UTF-16 surrogate (not Unicode:
+    no tokenizer can encode it) is refused with a 422 naming ``where``.
+
+    >>> check_text("a dog", "queries[0]", 3)
+    'a d'
+    >>> check_text("a\ud800", "queries[0]", 100)
+    Traceback (most recent call last):
+    ...
+    grape_rewards.server.protocol.RequestError: queries[0]: a lone UTF-16 surrogate (U+D800) at character 1 ...
+    """
+    if not text.isascii():
+        bad = _SURROGATE.search(text)
+        if bad is not None:
+            raise RequestError(422, f"{where}: a lone UTF-16 surrogate (U+{ord(bad.group()):04X}) at character "
+                                    f"{bad.start()} is not valid Unicode; send UTF-8 text")
+    return text if len(text) <= max_chars else text[:max_chars]
 
 
 def parse_body(body: bytes) -> Any:
@@ -90,6 +118,8 @@ def parse_body(body: bytes) -> Any:
         return loads(body)
     except JSONDecodeError as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "request body is not valid JSON: it nests deeper than the parser allows") from None
 
 
 def _object(data: Any, fields: str) -> dict[str, Any]:
@@ -120,10 +150,20 @@ def _check_count(n: int, limit: int, what: str) -> None:
                                 "split the request")
 
 
-def clip_item(item: RewardItem, config: RewardConfig, max_chars: int) -> RewardItem:
-    """Cut a gigantic completion/rewrite to ``max_chars`` after extraction (scoring it is unchanged: it is far
-    past the retriever's context length, and it stays ``overlong``); other items are returned as they are."""
+def clip_item(item: RewardItem, config: RewardConfig, max_chars: int, where_text: str = "completion",
+              where_original: str = "original_query") -> RewardItem:
+    """Check every text of an item that reaches the encoder (:func:`check_text`) and cut it to ``max_chars``.
+
+    A gigantic completion/rewrite is cut after extraction (scoring it is unchanged: it is far past the retriever's
+    context length, and it stays ``overlong``); an ``original_query`` is cut as it is. ``where_text`` and
+    ``where_original`` name the two texts in error messages.
+    """
     text = item.completion if item.completion is not None else item.rewrite
+    if text is not None:
+        check_text(text, where_text, len(text))
+    original = item.original_query
+    if original is not None and len(check_text(original, where_original, max_chars)) < len(original):
+        item = item.model_copy(update={"original_query": original[:max_chars]})
     if text is None or len(text) <= max_chars:
         return item
     fmt = config.format
@@ -187,7 +227,7 @@ def parse_openrlhf(data: Any, max_items: int, max_chars: int, config: RewardConf
             completion=response_from_query(query, prompt), rewrite=None, target_ids=label.target_ids,
             excluded_ids=label.excluded_ids, reference_id=label.reference_id, query_id=label.query_id,
             original_query=label.original_query)
-        items.append(clip_item(item, config, max_chars))
+        items.append(clip_item(item, config, max_chars, f"query[{i}]", f"labels[{i}].original_query"))
     return items
 
 
@@ -237,7 +277,8 @@ def parse_native(data: Any, max_items: int, max_chars: int, config: RewardConfig
             raise RequestError(422, problems) from None
         if item.completion is None and item.rewrite is None:
             raise RequestError(422, f"items[{i}]: give 'completion' (the model's response) or 'rewrite'")
-        items.append(clip_item(item, config, max_chars))
+        text_field = "completion" if item.completion is not None else "rewrite"
+        items.append(clip_item(item, config, max_chars, f"items[{i}].{text_field}", f"items[{i}].original_query"))
     return items
 
 
@@ -248,8 +289,10 @@ def native_response(samples: Sequence[dict[str, float]], keys: Sequence[str]) ->
 
 
 # -- retrieve --------------------------------------------------------------------------------------------
-def parse_retrieve(data: Any, max_items: int, max_topk: int) -> tuple[list[str], int, bool, list[str] | None]:
-    """(queries, topk, return_scores, reference_ids) of a Search-R1 style ``/retrieve`` request.
+def parse_retrieve(data: Any, max_items: int, max_topk: int,
+                   max_chars: int = 20000) -> tuple[list[str], int, bool, list[str] | None]:
+    """(queries, topk, return_scores, reference_ids) of a Search-R1 style ``/retrieve`` request; each query is
+    checked and cut to ``max_chars`` (:func:`check_text`).
 
     >>> parse_retrieve({"queries": ["a dog"], "topk": 2, "return_scores": True}, 10, 100)
     (['a dog'], 2, True, None)
@@ -264,6 +307,7 @@ def parse_retrieve(data: Any, max_items: int, max_topk: int) -> tuple[list[str],
     for i, q in enumerate(queries):
         if not isinstance(q, str):
             raise RequestError(422, f"queries[{i}] must be a string, got {_kind(q)}")
+    queries = [check_text(q, f"queries[{i}]", max_chars) for i, q in enumerate(queries)]
     topk = data.get("topk", 3)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise RequestError(422, f"'topk' must be a positive integer, got {topk!r}")
