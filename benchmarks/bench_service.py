@@ -6,7 +6,9 @@ For each setup, in one run:
    1, 16, 64 and 256;
 2. ``grape-rewards serve`` in a subprocess with micro-batching on (``--max-batch-size 256``), loaded by
    ``loadgen.run_load`` with single-sample ``/get_reward`` requests at concurrency 1, 16, 64 and 256;
-3. the same with micro-batching off (``--max-batch-size 1``).
+3. the same with micro-batching off (``--max-batch-size 1``);
+4. single-query ``/retrieve`` requests (top 3) against both servers: searches go through the same batcher and
+   queue as scoring (``--no-retrieve`` skips this part).
 
 Setups: ``minilm``: the real all-MiniLM-L6-v2 text retriever over 50,000 synthetic captions (the index is
 built once and cached); ``vit``: a random-init open_clip ViT-B-32 text tower over 50,000 random normalised
@@ -194,11 +196,12 @@ class ServerProcess:
 
 
 def load_point(server: ServerProcess, workload: Workload, concurrency: int, duration: float,
-               warmup: float) -> dict[str, Any]:
-    """One load level against a running server, with the batch sizes it formed meanwhile."""
+               warmup: float, path: str = "/get_reward") -> dict[str, Any]:
+    """One load level against a running server, with the batch sizes it formed meanwhile (scoring only)."""
     before = server.metrics()
     t0 = time.perf_counter()
-    result: LoadResult = asyncio.run(run_load(server.url + "/get_reward", workload.body, concurrency, duration,
+    make_body = workload.retrieve_body if path == "/retrieve" else workload.body
+    result: LoadResult = asyncio.run(run_load(server.url + path, make_body, concurrency, duration,
                                               warmup_s=warmup))
     wall = time.perf_counter() - t0
     after = server.metrics()
@@ -300,6 +303,20 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"{_fmt(b['rps']) if b else '-'} | {_fmt(b['p50_ms']) if b else '-'} | "
                 f"{_fmt(b['p99_ms']) if b else '-'} | {_fmt(ceil)} | {a['rps'] / ceil:.0%} | "
                 f"{a['rps'] / b['rps']:.1f}x |" if a and b else f"| {c} | - |")
+        retrieve = setup.get("retrieve") or {}
+        if retrieve.get("on"):
+            r_on = {r["concurrency"]: r for r in retrieve["on"]}
+            r_off = {r["concurrency"]: r for r in retrieve.get("off", [])}
+            lines += ["", "`/retrieve`, single-query requests (top 3), through the batcher (batching on) or one "
+                      "search per request (batching off):", "",
+                      "| concurrency | on: requests/s | p50 ms | p99 ms | off: requests/s | p50 ms | p99 ms "
+                      "| on / off |",
+                      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for c, a in r_on.items():
+                b = r_off.get(c)
+                lines.append(f"| {c} | {_fmt(a['rps'])} | {_fmt(a['p50_ms'])} | {_fmt(a['p99_ms'])} | "
+                             + (f"{_fmt(b['rps'])} | {_fmt(b['p50_ms'])} | {_fmt(b['p99_ms'])} | "
+                                f"{a['rps'] / b['rps']:.1f}x |" if b else "- | - | - | - |"))
         lines += ["", "In-process ceiling by batch size: " + ", ".join(
             f"{bs}: {_fmt(v)}/s" for bs, v in ceiling.items()) + "", ""]
         rounds = setup["all_rounds"]
@@ -372,6 +389,7 @@ def run_setup(name: str, args: argparse.Namespace, extra: Sequence[str]) -> dict
 
     ceiling_rows: dict[int, list[dict[str, Any]]] = {}
     service_rows: dict[str, dict[int, list[dict[str, Any]]]] = {"on": {}, "off": {}}
+    retrieve_rows: dict[str, dict[int, list[dict[str, Any]]]] = {"on": {}, "off": {}}
     logs = {mode: args.cache_dir / f"serve-{name}-{mode}.log" for mode in ("on", "off")}
     with ServerProcess(index_dir, spec, args.max_batch_size, logs["on"], extra) as on, \
             ServerProcess(index_dir, spec, 1, logs["off"], extra) as off:
@@ -389,12 +407,20 @@ def run_setup(name: str, args: argparse.Namespace, extra: Sequence[str]) -> dict
                     print(f"  round {r + 1} c={c:4d} batching {mode:3s}: {row['rps']:8.1f} rewards/s  "
                           f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  mean batch "
                           f"{row['mean_batch']:6.1f}  errors {row['errors']}  (load {row['loadavg']:.2f})", flush=True)
+                    if args.retrieve:
+                        row = load_point(server, fresh(), c, args.duration * scale, args.warmup * scale, "/retrieve")
+                        retrieve_rows[mode].setdefault(c, []).append(row)
+                        print(f"  round {r + 1} c={c:4d} /retrieve {mode:3s}: {row['rps']:8.1f} requests/s  "
+                              f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  errors {row['errors']}",
+                              flush=True)
     return {
         "title": SETUPS[name]["title"], "spec": spec, "corpus_size": len(index), "index": str(index_dir),
         "rounds": args.rounds, "verify_max_abs_diff": verify_diff,
         "ceiling": [best(ceiling_rows[c], "rewards_per_s") for c in args.concurrency],
         "service": {mode: [best(rows[c], "rps") for c in args.concurrency] for mode, rows in service_rows.items()},
         "all_rounds": {"ceiling": ceiling_rows, "service": service_rows},
+        "retrieve": {mode: [best(rows[c], "rps") for c in args.concurrency if c in rows]
+                     for mode, rows in retrieve_rows.items()},
     }
 
 
@@ -421,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ceiling-seconds", type=float, default=3.0, help="seconds per in-process measurement")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per point; the best is reported")
     p.add_argument("--max-batch-size", type=int, default=256, help="the service's batch limit with batching on")
+    p.add_argument("--no-retrieve", dest="retrieve", action="store_false",
+                   help="skip the /retrieve load points")
     p.add_argument("--serve-args", default="", help="extra flags for grape-rewards serve (both modes)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
                    help="OMP_WAIT_POLICY of the benchmark and its servers (read before torch loads)")

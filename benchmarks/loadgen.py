@@ -138,6 +138,12 @@ class Workload:
         query, prompt, label = self.sample(i)
         return _dumps({"query": [query], "prompts": [prompt], "labels": [label]})
 
+    def retrieve_body(self, i: int) -> bytes:
+        """A single-query Search-R1 ``/retrieve`` request (top 3) with request ``i``'s rewrite."""
+        i += self.offset
+        n = len(self.ids)
+        return _dumps({"queries": [rewrite_text(self.slots[(i * 7919) % n], i // n * 7 + i % 7)], "topk": 3})
+
 
 EMPTY_BODY = _dumps({"query": [], "prompts": [], "labels": []})
 """A well-formed request with no samples: answered without scoring."""

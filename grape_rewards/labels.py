@@ -77,6 +77,9 @@ def parse_label(raw: Any) -> Label:
                 raw = _json_loads(text)
             except json.JSONDecodeError as exc:  # orjson's JSONDecodeError subclasses it
                 raise LabelError(f"label is not valid JSON ({exc.msg}): {text[:80]!r}") from None
+            except RecursionError:
+                raise LabelError(f"label is not valid JSON (it nests deeper than the parser allows): "
+                                 f"{text[:80]!r}") from None
         else:
             raw = text
     if isinstance(raw, (str, int)):
@@ -91,6 +94,8 @@ def parse_label(raw: Any) -> Label:
                                      original_query=raw.get("original_query"))
     try:
         return Label.model_validate(raw)
+    except RecursionError:
+        raise LabelError("bad label (it nests deeper than the validator allows)") from None
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'label'}: {e['msg']}" for e in exc.errors())
         raise LabelError(f"bad label ({problems})") from None

@@ -7,6 +7,8 @@ index folder by :meth:`RewardScorer.from_index`, items read by :func:`read_item`
 
 from __future__ import annotations
 
+import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -88,6 +90,28 @@ def read_item(raw: Any, where: str = "item") -> RewardItem:
         raise ItemError("; ".join(problems)) from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, where: str, max_chars: int) -> str:
+    """A text that reaches the encoder, cut to ``max_chars`` characters; a lone UTF-16 surrogate (not Unicode:
+    no tokenizer can encode it) is refused with an :class:`ItemError` naming ``where``.
+
+    >>> check_text("a dog", "queries[0]", 3)
+    'a d'
+    >>> check_text("a\ud800", "queries[0]", 100)
+    Traceback (most recent call last):
+    ...
+    grape_rewards.scorer.ItemError: queries[0]: a lone UTF-16 surrogate (U+D800) at character 1 ...
+    """
+    if not text.isascii():
+        bad = _SURROGATE.search(text)
+        if bad is not None:
+            raise ItemError(f"{where}: a lone UTF-16 surrogate (U+{ord(bad.group()):04X}) at character "
+                            f"{bad.start()} is not valid Unicode; send UTF-8 text")
+    return text if len(text) <= max_chars else text[:max_chars]
+
+
 def normalize_text(text: str) -> str:
     """Cache key of a text: whitespace collapsed and stripped.
 
@@ -97,11 +121,29 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())  # str.split and re's \s agree on what whitespace is
 
 
-class LRUCache:
-    """A small thread-safe LRU map with hit/miss counters."""
+def approx_bytes(obj: object) -> int:
+    """Memory held by a cache key or value: strings, tensors and tuples of them counted, small scalars ~nothing.
 
-    def __init__(self, capacity: int) -> None:
+    >>> approx_bytes(("fp", "a dog")) > approx_bytes(("fp", "")), approx_bytes(torch.zeros(8))
+    (True, 32)
+    """
+    if isinstance(obj, str):
+        return sys.getsizeof(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, tuple):
+        return sum(approx_bytes(x) for x in obj) + 8 * len(obj)
+    return 32
+
+
+class LRUCache:
+    """A small thread-safe LRU map with hit/miss counters, bounded by entries and by bytes (:func:`approx_bytes`
+    of keys and values: the keys are client texts, so an entry count alone does not bound memory)."""
+
+    def __init__(self, capacity: int, max_bytes: int | None = None) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._data: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -112,18 +154,25 @@ class LRUCache:
             if key in self._data:
                 self._data.move_to_end(key)
                 self.hits += 1
-                return self._data[key]
+                return self._data[key][0]
             self.misses += 1
             return None
 
     def put(self, key: object, value: object) -> None:
         if self.capacity <= 0:
             return
+        size = approx_bytes(key) + approx_bytes(value) if self.max_bytes is not None else 0
+        if self.max_bytes is not None and size > self.max_bytes:
+            return  # larger than the whole cache: not kept
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.nbytes -= old[1]
+            self._data[key] = (value, size)
+            self.nbytes += size
+            while len(self._data) > self.capacity or (self.max_bytes is not None and self.nbytes > self.max_bytes):
+                _, (_, dropped) = self._data.popitem(last=False)
+                self.nbytes -= dropped
 
     def __len__(self) -> int:
         return len(self._data)
@@ -142,6 +191,7 @@ class RewardScorer:
 
     Args:
         cache_size: query embeddings kept (GRPO groups repeat rewrites); original-query ranks keep as many.
+        cache_bytes: most bytes each of the two caches holds (keys are texts; None: bounded by entries only).
         chunk_elements: bound on the query x corpus scores held at once (default: 2^24 on the CPU, 2^26 on a GPU).
         encode_batch_size: texts per encoder call; texts are sorted by length first, so smaller calls pad less
             (measured in benchmarks/results/gpu-h200.md).
@@ -151,7 +201,8 @@ class RewardScorer:
 
     def __init__(self, retriever: Retriever, index: CorpusIndex, config: RewardConfig | None = None,
                  cache_size: int = 65536, chunk_elements: int | None = None,
-                 encode_batch_size: int = 256, max_text_chars: int = 20000) -> None:
+                 encode_batch_size: int = 256, cache_bytes: int | None = 512 * 1024 * 1024,
+                 max_text_chars: int = 20000) -> None:
         if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
             raise IndexError_(
                 f"index {index.name} was built with retriever {index.manifest['retriever'].get('spec')!r} "
@@ -166,8 +217,8 @@ class RewardScorer:
         self.chunk_elements = chunk_elements or default_chunk_elements(index.device)
         self.encode_batch_size = encode_batch_size
         self.max_text_chars = max_text_chars
-        self.embedding_cache = LRUCache(cache_size)
-        self.original_rank_cache = LRUCache(cache_size)
+        self.embedding_cache = LRUCache(cache_size, cache_bytes)
+        self.original_rank_cache = LRUCache(cache_size, cache_bytes)
         self.keys = sample_keys(self.config)
         self._lock = threading.Lock()
 
@@ -216,6 +267,10 @@ class RewardScorer:
             raise ItemError(f"{where}: {exc}; the training data names an item the index does not hold") from None
         except ValueError as exc:
             raise ItemError(f"{where}: {exc}") from None
+        for name in ("completion", "rewrite", "original_query"):
+            text = getattr(item, name)
+            if text is not None:
+                check_text(text, f"{where}.{name}", len(text))
         if self.config.relative and not (item.original_query or "").strip():
             raise ItemError(f"{where}: the relative reward mode needs original_query (in the label) for every "
                             "sample")
@@ -304,7 +359,8 @@ class RewardScorer:
         for i, item in enumerate(items):
             key = None
             if item.original_query is not None and item.original_query.strip():
-                key = (self.retriever.fingerprint, normalize_text(item.original_query), tuple(item.target_ids),
+                original = item.original_query[:self.max_text_chars]  # every text reaching the encoder is bounded
+                key = (self.retriever.fingerprint, normalize_text(original), tuple(item.target_ids),
                        tuple(item.excluded_ids), item.reference_id)
                 cached = self.original_rank_cache.get(key)
                 if cached is not None:
@@ -314,7 +370,8 @@ class RewardScorer:
             keys.append(key)
         if todo:
             targets, excluded = rows if rows is not None else self.resolve_rows(items)
-            emb, _ = self._queries([items[i].original_query or "" for i in todo], [items[i].reference_id for i in todo])
+            emb, _ = self._queries([(items[i].original_query or "")[:self.max_text_chars] for i in todo],
+                                   [items[i].reference_id for i in todo])
             stats = self.index.rank_rows(emb, [targets[i] for i in todo], [excluded[i] for i in todo],
                                          chunk_elements=self.chunk_elements)
             for j, i in enumerate(todo):

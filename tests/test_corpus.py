@@ -228,3 +228,76 @@ def test_index_search_returns_ids(tmp_path, minilm):
     index = build_index(text_source(tmp_path), minilm, tmp_path / "idx", progress=False)
     scores, ids = index.search(minilm.encode_texts([CAPTIONS[5]]), k=3)
     assert ids[0][0] == "t5" and scores.shape == (1, 3)
+
+
+def test_resumed_build_encodes_a_damaged_shard_again(tmp_path, minilm):
+    """A saved shard changed after it was written (same shape, other values) is not reused: the checksum saved
+    with it disagrees, so it is encoded again and the index equals an uninterrupted build."""
+    from safetensors.torch import load_file, save_file
+
+    source = text_source(tmp_path)
+    reference = build_index(source, minilm, tmp_path / "ref", batch_size=4, shard_size=5, progress=False)
+
+    def stop(shard: int) -> None:
+        if shard == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False, on_shard=stop)
+    shard = tmp_path / "idx.partial" / "shard-000000.safetensors"
+    emb = load_file(str(shard))["embeddings"]
+    save_file({"embeddings": (emb * 50).contiguous()}, str(shard))
+    resumed = build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False)
+    assert resumed.manifest["checksums"] == reference.manifest["checksums"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("nan_row", r"row 3 \(id 't3'\) has non-finite values"),
+        ("scaled_rows", r"row 0 \(id 't0'\) has L2 norm 50"),
+        ("ids_object", "must hold a JSON list of string ids, it holds a dict"),
+        ("ids_not_strings", "id at row 0 is 0, not a string"),
+        ("ids_duplicate", "id 't0' appears more than once"),
+        ("manifest_list", "holds a JSON list, not an object"),
+        ("manifest_count", "'count' must be an integer >= 0, got '6'"),
+        ("not_safetensors", "embeddings.safetensors is not a safetensors file"),
+        ("wrong_tensor", "must hold one 2-D float tensor named 'embeddings'"),
+    ],
+)
+def test_a_damaged_index_with_matching_checksums_is_refused_in_one_line(tmp_path, minilm, damage, message):
+    """Checksums only say the files are the ones the manifest names; loading also checks what they hold."""
+    from safetensors.torch import load_file, save_file
+
+    from grape_rewards.corpus.files import atomic_write_json, sha256_file
+
+    folder = tmp_path / "idx"
+    build_index(text_source(tmp_path, 6), minilm, folder, progress=False)
+    emb_file, ids_file, manifest_file = folder / "embeddings.safetensors", folder / "ids.json", folder / "manifest.json"
+    emb = load_file(str(emb_file))["embeddings"]
+    manifest = json.loads(manifest_file.read_text())
+    if damage == "nan_row":
+        emb[3] = float("nan")
+        save_file({"embeddings": emb}, str(emb_file))
+    elif damage == "scaled_rows":
+        save_file({"embeddings": emb * 50}, str(emb_file))
+    elif damage == "ids_object":
+        ids_file.write_text(json.dumps({f"t{i}": i for i in range(6)}))
+    elif damage == "ids_not_strings":
+        ids_file.write_text(json.dumps(list(range(6))))
+    elif damage == "ids_duplicate":
+        ids_file.write_text(json.dumps(["t0"] * 6))
+    elif damage == "manifest_list":
+        manifest_file.write_text(json.dumps([manifest]))
+    elif damage == "manifest_count":
+        manifest["count"] = "6"
+    elif damage == "not_safetensors":
+        emb_file.write_bytes(b"\x00" * 64)
+    elif damage == "wrong_tensor":
+        save_file({"vectors": emb}, str(emb_file))
+    if damage != "manifest_list":
+        manifest["checksums"] = {"embeddings.safetensors": sha256_file(emb_file), "ids.json": sha256_file(ids_file)}
+        atomic_write_json(manifest_file, manifest)
+    with pytest.raises(IndexError_, match=message) as info:
+        CorpusIndex.load(folder)
+    assert "\n" not in str(info.value)

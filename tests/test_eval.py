@@ -420,3 +420,41 @@ def test_encode_queries_fuses_the_reference_from_the_index() -> None:
     assert torch.allclose(q, torch.tensor([[0.7071, 0.7071]]), atol=1e-4)
     with pytest.raises(ValueError, match="reference_id"):
         encode_queries(composed, index, ["t"], [None], progress=False)
+
+
+def test_eval_counts_duplicated_gallery_images_as_ties() -> None:
+    """A gallery where 10 images have a bit-identical twin: R@K is the tie rule's (float64 brute force), not the
+    last bit of the scan's rounding."""
+    from types import SimpleNamespace
+
+    from grape_rewards.eval.evaluate import evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(40, 64, generator=gen), dim=1).half()
+    gallery[30:] = gallery[:10]  # images 30..39 are copies of images 0..9
+    index = CorpusIndex(gallery.float(), [f"img{i}" for i in range(40)])
+    queries = torch.nn.functional.normalize(gallery[:29].float() + 0.9 * torch.randn(29, 64, generator=gen), dim=1)
+    texts = [f"caption {i}" for i in range(29)]
+
+    class Table(Retriever):
+        """Each caption's embedding is a fixed row: no model."""
+
+        spec, dim, device, max_text_tokens, corpus_modality = "table", 64, torch.device("cpu"), 77, "image"
+
+        @property
+        def fingerprint(self) -> str:
+            return "table"
+
+        def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
+            return [TextInfo(1, False) for _ in texts]
+
+        def encode_texts(self, batch: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+            return queries[[texts.index(t) for t in batch]]
+
+    bench = SimpleNamespace(name="toy", split="test", root=Path("."), task="multilingual",
+                            queries=lambda: [Query(f"q{i}", texts[i], (f"img{i}",)) for i in range(29)])
+    report = evaluate(bench, Table(), index, progress=False)
+    ranks = brute_force_ranks(queries.numpy(), gallery.float().numpy(), [[i] for i in range(29)], [[]] * 29)
+    metrics = report.methods[0].metrics
+    for k in (1, 5, 10):
+        assert metrics[f"R@{k}"] == pytest.approx(recall(ranks, k)), k

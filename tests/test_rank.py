@@ -75,6 +75,30 @@ def test_ties_count_for_the_target():
     assert int(stats.rank[0]) == 1  # row 1 ties the target: it does not push it down
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("chunk", [1 << 24, 700])
+def test_bit_identical_duplicates_of_the_target_are_ties(device, dtype, chunk):
+    """Random unit vectors (products round differently in a matrix product and an elementwise sum): a duplicate of
+    the target never pushes it down, and every rank equals a float64 recomputation."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.nn.functional.normalize(torch.randn(600, 256, generator=g), dim=1).to(dtype)
+    c[1] = c[0]
+    c[599] = c[300]  # a duplicate in another chunk
+    q = torch.nn.functional.normalize(torch.randn(40, 256, generator=g), dim=1)
+    q[20:] = c[0].float() + 0.01 * q[20:]  # queries close to the target: ties near the top
+    targets = [[0]] * 30 + [[300]] * 10
+    stats = corpus_rank(q.to(device), c.to(device), targets, chunk_elements=chunk)
+    seen = q.to(dtype) if (device == "cuda" and dtype == torch.float16) else q
+    exact = seen.double() @ c.double().T
+    t = torch.tensor([row[0] for row in targets])
+    best = exact[torch.arange(40), t]
+    others = exact.clone()
+    others[torch.arange(40), t] = float("-inf")
+    assert torch.equal(stats.rank, 1 + (others > best[:, None]).sum(1))
+    assert torch.equal(stats.target_sim, best.float())
+
+
 def test_several_targets_take_the_best():
     c = torch.eye(3)
     q = torch.tensor([[0.2, 0.5, 0.9]])

@@ -22,21 +22,27 @@ CHECK = textwrap.dedent("""
     g = torch.Generator().manual_seed(0)
     for rows, cols in [(3, 10), (3, 20000), (1, 16384), (2, 16385), (7, 1), (0, 5)]:
         s = torch.randn(rows, cols, generator=g).to(device)
-        thr = torch.randn(rows, generator=g).to(device)
+        high = torch.randn(rows, generator=g).to(device)
+        low = high - 0.5
         if rows > 1:
             s[0, :3] = float("-inf")
-            s[1, 5 % cols] = thr[1]  # a tie: not above
-            thr[rows - 1] = float("-inf")  # everything finite is above
-        m, c = rank_kernels.row_max_count(s, thr)
-        assert c.dtype == torch.int64
-        assert torch.equal(c, (s > thr[:, None]).sum(1)), (rows, cols)
+            s[1, 5 % cols] = high[1]  # ties: not above
+            s[1, 6 % cols] = low[1]
+            s[0, 4 % cols] = low[0]
+            high[rows - 1] = low[rows - 1] = float("-inf")  # everything finite is above
+        m, c_high, c_low = rank_kernels.row_max_count(s, high, low)
+        assert c_high.dtype == c_low.dtype == torch.int64
+        assert torch.equal(c_high, (s > high[:, None]).sum(1)), (rows, cols)
+        assert torch.equal(c_low, (s > low[:, None]).sum(1)), (rows, cols)
         assert rows == 0 or torch.equal(m, s.amax(1)), (rows, cols)
 
     # The scan through the kernel equals the torch scan (chunks, masked pairs, duplicates).
     corpus = torch.nn.functional.normalize(torch.randn(3000, 16, generator=g), dim=1).to(device)
     q = torch.nn.functional.normalize(torch.randn(9, 16, generator=g), dim=1).to(device)
+    corpus[1::2] = corpus[0::2]  # bit-identical duplicates: near-ties decided exactly on both paths
     masked = [[i, i, (7 * i) % 3000] for i in range(9)]
-    thresholds = torch.randn(9, generator=g) * 0.3
+    thresholds = rank.target_scores(q, corpus, [[2 * i] for i in range(9)]).clone()
+    thresholds[:3] = (torch.randn(3, generator=g) * 0.3).double()
     original = rank._use_fused
     try:
         for chunk in (1000, 9 * 3000, 450):
@@ -46,6 +52,9 @@ CHECK = textwrap.dedent("""
             plain = scan_counts(q, corpus, thresholds, masked, chunk)
             for a, b in zip(fused.__dict__.values(), plain.__dict__.values()):
                 assert torch.equal(a, b), chunk
+            exact = (q.double() @ corpus.double().T).cpu()
+            exact[torch.arange(9)[:, None], torch.tensor(masked)] = float("-inf")
+            assert torch.equal(fused.count_above, (exact > thresholds[:, None]).sum(1)), chunk
     finally:
         rank._use_fused = original
 

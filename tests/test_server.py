@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
 
 from grape_rewards.cli import main as cli_main
 from grape_rewards.corpus import CorpusIndex, build_index, read_source
@@ -337,6 +338,195 @@ def test_healthy_after_bad_inputs(http: httpx.Client) -> None:
     assert r.status_code == 200 and len(r.json()["rewards"]) == 1
 
 
+DEEP = "[" * 5000 + "]" * 5000
+HOSTILE: list[tuple[str, str, bytes, int, str]] = [
+    # (name, path, raw body, status, message fragment): what reached a 500 before
+    ("nested body", "/v1/rewards", b'{"items": ' + DEEP.encode() + b"}", 400, "nests deeper than the parser allows"),
+    ("nested retrieve body", "/retrieve", b'{"queries": ' + DEEP.encode() + b"}", 400, "nests deeper"),
+    ("nested label string", "/get_reward", json.dumps({"query": [_GOOD_Q], "labels": [DEEP]}).encode(), 422,
+     "labels[0]: label is not valid JSON (it nests deeper"),
+    ("surrogate in a label's original_query", "/get_reward",
+     json.dumps({"query": [_GOOD_Q], "labels": ['{"target_ids": ["cap000"], "original_query": "a\\ud800"}']}).encode(),
+     422, "labels[0].original_query: a lone UTF-16 surrogate (U+D800) at character 1"),
+    ("surrogate in a rewrite", "/v1/rewards", b'{"items": [{"rewrite": "a\\udfff", "target_ids": ["cap000"]}]}', 422,
+     "items[0].rewrite: a lone UTF-16 surrogate (U+DFFF)"),
+    ("surrogate in an original_query", "/v1/rewards",
+     b'{"items": [{"rewrite": "a", "original_query": "\\ud83d", "target_ids": ["cap000"]}]}', 422,
+     "items[0].original_query: a lone UTF-16 surrogate"),
+    ("surrogate in a completion (OpenRLHF)", "/get_reward",
+     b'{"query": ["<|im_start|>assistant\\n\\ud800"], "labels": ["cap000"]}', 422, "query[0]: a lone UTF-16"),
+    ("surrogate in a retrieve query", "/retrieve", b'{"queries": ["\\ud800"]}', 422, "queries[0]: a lone UTF-16"),
+    ("surrogate in an unknown field", "/v1/rewards", b'{"items": [], "\\ud800": 1}', 422, "unknown field(s)"),
+]
+
+
+@pytest.mark.parametrize("parser", ["orjson", "json"])
+def test_hostile_json_gets_4xx(http: httpx.Client, monkeypatch: pytest.MonkeyPatch, parser: str) -> None:
+    """Deep nesting and lone surrogates, with orjson and with the standard library's parser (the fallback when
+    orjson is not installed: it recurses, and it accepts lone surrogates)."""
+    from grape_rewards import labels
+    from grape_rewards.server import protocol
+
+    if parser == "json":
+        monkeypatch.setattr(protocol, "loads", json.loads)
+        monkeypatch.setattr(protocol, "JSONDecodeError", (json.JSONDecodeError, UnicodeDecodeError))
+        monkeypatch.setattr(labels, "_json_loads", json.loads)
+    for name, path, body, status, message in HOSTILE:
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (name, r.text)
+        if parser == "json":
+            assert r.status_code == status and message in r.json()["detail"], (name, r.text)
+    assert http.get("/ready").status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_413_on_every_post_route(http: httpx.Client) -> None:
+    def chunks():
+        for _ in range(30):
+            yield b'{"queries": ["' + b"x" * 10_000 + b'"]}'
+
+    for path in ("/retrieve", "/v1/rewards", "/get_reward"):
+        r = http.post(path, content=chunks())  # a generator: sent chunked, no Content-Length
+        assert r.status_code == 413 and "request body too large" in r.json()["detail"], (path, r.text)
+
+
+def test_every_text_reaching_the_encoder_is_cut(http: httpx.Client, scorer: RewardScorer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Original queries (native items and OpenRLHF labels) and /retrieve queries too, not only rewrites."""
+    seen: list[int] = []
+    real = scorer.retriever.encode_texts_with_info
+
+    def spy(texts: Any, batch_size: int = 256) -> Any:
+        seen.extend(len(t) for t in texts)
+        return real(texts, batch_size=batch_size)
+
+    monkeypatch.setattr(scorer.retriever, "encode_texts_with_info", spy)
+    long = "a dog " * 30_000  # 180,000 characters, under max_body_bytes=200,000
+    limit = ServeConfig(index="i").max_text_chars
+    for path, body in [
+        ("/v1/rewards", {"items": [{"rewrite": "a dog", "target_ids": ["cap000"], "original_query": long}]}),
+        ("/get_reward", {"query": [_GOOD_Q], "labels": [{"target_ids": ["cap001"], "original_query": "b " + long}]}),
+        ("/retrieve", {"queries": ["c " + long], "topk": 1}),
+    ]:
+        seen.clear()
+        r = http.post(path, json=body)
+        assert r.status_code == 200, r.text
+        assert seen and max(seen) <= limit, (path, max(seen))
+
+
+def test_caches_are_bounded_by_bytes(scorer: RewardScorer) -> None:
+    from grape_rewards.scorer import LRUCache
+
+    cache = LRUCache(capacity=1000, max_bytes=100_000)
+    for i in range(50):
+        cache.put(("fp", f"{i} " + "x" * 10_000), i)
+    assert cache.nbytes <= 100_000 and 5 <= len(cache) < 10
+    assert cache.get(("fp", "49 " + "x" * 10_000)) == 49 and cache.get(("fp", "0 " + "x" * 10_000)) is None
+    cache.put(("fp", "y" * 200_000), 0)  # larger than the whole cache: not kept, nothing evicted for it
+    assert len(cache) >= 5
+    small = RewardScorer(scorer.retriever, scorer.index, RewardConfig(), cache_bytes=50_000)
+    small.encode([f"text {i} " + "z" * 3000 for i in range(40)])
+    assert small.embedding_cache.nbytes <= 50_000 and len(small.embedding_cache) < 40
+
+
+def test_a_500_names_no_exception_text(http: httpx.Client, scorer: RewardScorer,
+                                       monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(items: Any) -> Any:
+        raise RuntimeError("secret /srv/data/path in the message")
+
+    monkeypatch.setattr(scorer, "score_batch", broken)
+    r = http.post("/v1/rewards", json={"items": [{"rewrite": "a dog", "target_ids": ["cap000"]}]})
+    assert r.status_code == 500 and "secret" not in r.text and "RuntimeError" not in r.text
+    error_id = re.search(r"internal error (\w+)", r.json()["detail"]).group(1)
+    assert any(error_id in rec.getMessage() for rec in caplog.records)  # the log has it, under that id
+
+
+def test_retrieve_is_admitted_like_scoring(server: ServerThread, http: httpx.Client,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher = server.app.state.service.batcher
+
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        raise QueueFull(8192, 1, 8192, retry_after=2)
+
+    monkeypatch.setattr(batcher, "_enqueue", full)
+    r = http.post("/retrieve", json={"queries": ["a dog"], "topk": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "2" and "queue is full" in r.json()["detail"]
+
+
+def test_batcher_searches_concurrent_retrieve_requests_in_one_batch_behind_the_queue_limit(
+        scorer: RewardScorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from grape_rewards.server import batcher as batcher_module
+    from grape_rewards.server.batcher import SearchQuery
+
+    calls: list[int] = []
+    real = batcher_module.search_batch
+
+    def counted(sc: Any, queries: Any, topk: int, backend: str) -> Any:
+        calls.append(len(queries))
+        return real(sc, queries, topk, backend)
+
+    monkeypatch.setattr(batcher_module, "search_batch", counted)
+
+    async def main() -> None:
+        b = MicroBatcher(scorer, max_batch_size=64, max_wait_ms=0, max_queue=10)
+        b.start()
+        texts = ["a dog", "a cat", "a beach", "wine at dinner"]
+        got = await asyncio.gather(*(b.submit_retrieve([SearchQuery(t)], topk=k + 1, backend="torch")
+                                     for k, t in enumerate(texts)))
+        for k, (t, rows) in enumerate(zip(texts, got)):
+            scores, ids = scorer.index.search(scorer.encode([t])[0], k + 1, backend="torch")
+            assert rows[0][1] == ids[0] and rows[0][0] == pytest.approx(scores[0].tolist(), abs=1e-6)
+        assert sum(calls) == 4 and len(calls) < 4  # coalesced
+        with pytest.raises(QueueFull):  # the same admission as scoring
+            await asyncio.gather(b.submit([RewardItem(rewrite="x", target_ids=["cap000"])] * 10),
+                                 b.submit_retrieve([SearchQuery("a dog")], topk=1))
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_openapi_contract_and_answers_that_follow_it(http: httpx.Client) -> None:
+    from grape_rewards.server.schema import OpenRLHFResponse, RetrieveResponse, RewardsResponse
+
+    spec = http.get("/openapi.json").json()
+    for path, model in [("/get_reward", "OpenRLHFRequest"), ("/v1/rewards", "RewardsRequest"),
+                        ("/retrieve", "RetrieveRequest")]:
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"} and model in spec["components"]["schemas"]
+        assert "422" in spec["paths"][path]["post"]["responses"]
+    assert "RewardItem" in spec["components"]["schemas"] and "Label" in spec["components"]["schemas"]
+    assert http.get("/docs").status_code == 200
+    r = http.post("/get_reward", json={"query": [_GOOD_Q], "labels": ["cap000"]})
+    OpenRLHFResponse.model_validate(r.json())
+    r = http.post("/v1/rewards", json={"items": [{"rewrite": "a dog", "target_ids": ["cap000"]}]})
+    RewardsResponse.model_validate(r.json())
+    for flag in (True, False):
+        RetrieveResponse.model_validate(http.post("/retrieve", json={"queries": ["a"], "return_scores": flag}).json())
+
+
+def test_fuzzed_requests_from_the_published_schema_never_get_a_5xx(server: ServerThread) -> None:
+    """schemathesis generates requests (valid and invalid) from /openapi.json against the local server."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    failures = []
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+
+        @settings(max_examples=25, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def run(case: Any) -> None:
+            response = case.call(base_url=server.url, timeout=30)
+            if response.status_code >= 500:
+                failures.append((case.operation.label, response.status_code, response.text[:200]))
+            case.validate_response(response, checks=[not_a_server_error])
+
+        run()
+    assert not failures, failures
+
+
 def test_queue_full_is_503_with_retry_after(server: ServerThread, http: httpx.Client,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     batcher = server.app.state.service.batcher
@@ -363,6 +553,12 @@ def test_token_auth(scorer: RewardScorer, index_dir: Path) -> None:
         assert http.get("/metrics").status_code == 401 and http.get("/info").status_code == 401
         ok = {"Authorization": "Bearer s3cret-token"}
         assert http.post("/get_reward", json=body, headers=ok).status_code == 200
+        for scheme in ("bearer", "BEARER", "bEaReR"):  # RFC 9110: the scheme is case-insensitive
+            r = http.post("/get_reward", json=body, headers={"Authorization": f"{scheme} s3cret-token"})
+            assert r.status_code == 200, (scheme, r.text)
+        assert http.post("/get_reward", json=body, headers={"Authorization": "Basic s3cret-token"}).status_code == 401
+        assert http.post("/get_reward", json=body, headers={"Authorization": "s3cret-token"}).status_code == 401
+        assert http.get("/openapi.json").status_code == 200  # the contract is public, like the probes
         assert "s3cret" not in http.get("/info", headers=ok).text
 
 
@@ -378,6 +574,58 @@ def test_refuses_public_bind_without_token(index_dir: Path, capsys: pytest.Captu
     ServeConfig(index="i", host="0.0.0.0", token="t").check_bind()
     ServeConfig(index="i", host="0.0.0.0", insecure=True).check_bind()
     ServeConfig(index="i", host="::1").check_bind()
+
+
+def test_token_flag_warns_that_it_is_visible_in_the_process_list(index_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from grape_rewards.server import app as app_module
+
+    class Stop(Exception):
+        pass
+
+    def stop(config: Any) -> Any:
+        raise Stop
+
+    monkeypatch.setattr(app_module, "load_scorer", stop)
+    with caplog.at_level("WARNING", logger="grape_rewards.server"), pytest.raises(Stop):
+        cli_main(["serve", "--index", str(index_dir), "--token", "s3cret", "--device", "cpu"])
+    assert any("process list" in r.getMessage() and "GRAPE_TOKEN" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setenv("GRAPE_TOKEN", "s3cret")
+    with caplog.at_level("WARNING", logger="grape_rewards.server"), pytest.raises(Stop):
+        cli_main(["serve", "--index", str(index_dir), "--device", "cpu"])
+    assert not any("process list" in r.getMessage() for r in caplog.records)
+
+
+def _raw_exchange(port: int, data: bytes, wait: float = 30.0) -> bytes:
+    """Send raw bytes on a fresh connection; what the server answers until it closes (or ``wait`` passes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        got = b""
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (TimeoutError, ConnectionResetError, BrokenPipeError):
+            pass
+        return got
+
+
+def test_slow_bodies_and_huge_heads_are_cut_off(scorer: RewardScorer, index_dir: Path) -> None:
+    """A client that announces more body than it sends gets 408 after body_timeout_s; a request head over
+    max_header_bytes is refused by the parser (no memory held for it)."""
+    config = ServeConfig(index=str(index_dir), body_timeout_s=0.5, max_header_bytes=8192)
+    with ServerThread(create_app(scorer, config)) as srv:
+        for path in ("/get_reward", "/retrieve"):
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    "Content-Length: 1000\r\n\r\n").encode()
+            answer = _raw_exchange(srv.port, head + b'{"query": [')
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"body_timeout_s=0.5" in answer
+        huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1_000_000 + b"\r\n\r\n"
+        answer = _raw_exchange(srv.port, huge)
+        assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]  # refused, or the connection closed
+        with httpx.Client(base_url=srv.url) as http:
+            assert http.get("/health", headers={"X-Pad": "a" * 4000}).status_code == 200  # under the cap: fine
 
 
 def test_config_precedence(tmp_path: Path) -> None:

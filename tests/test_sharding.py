@@ -38,8 +38,11 @@ from grape_rewards.scorer import ItemError, RewardItem, RewardScorer
 from grape_rewards.server import ServeConfig
 
 
-def write_random_index(folder: Path, n: int, dim: int = 16, seed: int = 0, clustered: bool = True) -> Path:
-    """An index folder of ``n`` unit vectors (float16, as built indexes are); clustered so that ranks vary."""
+def write_random_index(folder: Path, n: int, dim: int = 16, seed: int = 0, clustered: bool = True,
+                       duplicates: int = 0) -> Path:
+    """An index folder of ``n`` unit vectors (float16, as built indexes are); clustered so that ranks vary.
+
+    ``duplicates``: the last rows are bit-identical copies of the first ones (they land in other shards)."""
     gen = torch.Generator().manual_seed(seed)
     if clustered:
         centres = torch.randn(max(2, n // 20), dim, generator=gen)
@@ -47,6 +50,8 @@ def write_random_index(folder: Path, n: int, dim: int = 16, seed: int = 0, clust
     else:
         emb = torch.randn(n, dim, generator=gen)
     emb = torch.nn.functional.normalize(emb, dim=-1).half()
+    if duplicates:
+        emb[n - duplicates:] = emb[:duplicates]
     folder.mkdir(parents=True)
     save_file({"embeddings": emb.contiguous()}, str(folder / EMBEDDINGS))
     (folder / IDS).write_text(json.dumps([f"item{i:05d}" for i in range(n)]))
@@ -186,6 +191,27 @@ def test_sharded_rank_equals_the_whole_index(tmp_path: Path, num_shards: int) ->
         assert s_scores.shape == w_scores.shape == (40, min(k, 211))
         assert torch.equal(s_scores, w_scores)
         assert s_ids == w_ids  # random data: no ties
+    sharded.close()
+
+
+def test_sharded_rank_counts_duplicates_of_the_target_as_ties(tmp_path: Path) -> None:
+    """A bit-identical copy of the target in another shard never pushes it down: ranks equal float64 ones."""
+    parent = write_random_index(tmp_path / "idx", 300, dim=128, duplicates=30, clustered=False)
+    shard_index(parent, tmp_path / "shards", 3)
+    whole = CorpusIndex.load(parent)
+    sharded = ShardedIndex.load(tmp_path / "shards")
+    gen = torch.Generator().manual_seed(1)
+    targets = [[whole.ids[i % 30]] for i in range(60)]
+    near = whole.vectors([t[0] for t in targets])
+    queries = torch.nn.functional.normalize(near + 0.5 * torch.randn(60, 128, generator=gen), dim=-1)
+    exact = queries.double() @ whole.embeddings.double().T
+    rows = torch.tensor([i % 30 for i in range(60)])
+    best = exact[torch.arange(60), rows]
+    exact[torch.arange(60), rows] = float("-inf")
+    want = 1 + (exact > best[:, None]).sum(1)
+    for chunk in (1 << 24, 300):
+        assert torch.equal(sharded.rank(queries, targets, chunk_elements=chunk).rank, want)
+        assert torch.equal(whole.rank(queries, targets, chunk_elements=chunk).rank, want)
     sharded.close()
 
 

@@ -1,7 +1,8 @@
 """Building an index: batched encoding with a progress bar, resumable, written atomically.
 
 The corpus is cut into shards of ``shard_size`` items. Each finished shard is written to
-``<out>.partial/`` (atomically), so a killed build resumes at the first missing shard; shards are
+``<out>.partial/`` (atomically, then its sha256 beside it), so a killed build resumes at the first missing
+shard; a saved shard whose checksum is missing or does not match is encoded again; shards are
 encoded the same way whether or not the build was interrupted, so a resumed build ends byte-identical
 to an uninterrupted one. The finished index is assembled in the staging folder and renamed into place:
 ``<out>`` either holds a complete index or does not exist.
@@ -37,7 +38,19 @@ def _shard_file(staging: Path, shard: int) -> Path:
     return staging / f"shard-{shard:06d}.safetensors"
 
 
+def _checksum_file(shard_file: Path) -> Path:
+    return shard_file.with_name(shard_file.name + ".sha256")
+
+
 def _load_shard(path: Path, expected_rows: int, dim: int) -> torch.Tensor | None:
+    """A saved shard, if it is exactly what was saved (its checksum, written after it, agrees) and of the right
+    shape; else None (it is encoded again)."""
+    checksum = _checksum_file(path)
+    if not path.is_file() or not checksum.is_file():
+        return None
+    if checksum.read_text(encoding="utf-8").strip() != sha256_file(path):
+        logger.warning("%s does not match its checksum: encoding it again", path)
+        return None
     try:
         emb = load_file(str(path))["embeddings"]
     except Exception:
@@ -46,9 +59,11 @@ def _load_shard(path: Path, expected_rows: int, dim: int) -> torch.Tensor | None
 
 
 def _save_shard(path: Path, embeddings: torch.Tensor) -> None:
+    """Save a shard atomically, then its checksum (a shard without one is not reused)."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"embeddings": embeddings.contiguous()}, str(tmp))
     os.replace(tmp, path)
+    atomic_write_bytes(_checksum_file(path), (sha256_file(path) + "\n").encode("utf-8"))
 
 
 def _encode_shard(retriever: Retriever, source: CorpusSource, start: int, end: int, batch_size: int,

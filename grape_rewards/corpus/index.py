@@ -10,6 +10,7 @@ Layout of an index folder::
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from ..devices import to_device
 from .files import sha256_file
-from .rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank
+from .rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank, max_row_norm
 
 INDEX_FORMAT = "grape-rewards-index"
 INDEX_VERSION = 1
@@ -65,14 +66,90 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise IndexError_(f"{folder} is not a grape-rewards index: {MANIFEST} is missing{hint}")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise IndexError_(f"{manifest_file} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IndexError_(f"{manifest_file} is not valid JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
+    if not isinstance(manifest, dict):
+        raise IndexError_(f"{manifest_file} holds a JSON {type(manifest).__name__}, not an object: it is not a "
+                          "grape-rewards index manifest")
     if manifest.get("format") != INDEX_FORMAT:
         raise IndexError_(f"{manifest_file} is not a grape-rewards index manifest (format={manifest.get('format')!r})")
-    if manifest.get("version", 0) > INDEX_VERSION:
+    version = manifest.get("version", 0)
+    if not _is_int(version):
+        raise IndexError_(f"{manifest_file}: version must be an integer, got {version!r}")
+    if version > INDEX_VERSION:
         raise IndexError_(f"{manifest_file} has format version {manifest['version']}; this grape-rewards reads "
                           f"version {INDEX_VERSION} and older: upgrade grape-rewards")
+    for key, least in (("count", 0), ("dim", 1)):
+        if not _is_int(manifest.get(key)) or manifest[key] < least:
+            raise IndexError_(f"{manifest_file}: {key!r} must be an integer >= {least}, got {manifest.get(key)!r}")
+    for key in ("retriever", "checksums"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise IndexError_(f"{manifest_file}: {key!r} must be an object, got {manifest[key]!r}")
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+UNIT_NORM_TOLERANCE = 1e-2
+"""How far a stored row's L2 norm may be from 1 (float16 storage rounds a unit row's norm by < 1e-3)."""
+
+
+def read_embeddings(file: Path) -> torch.Tensor:
+    """The (count, dim) float embeddings of an index's safetensors file; anything else is a one-line error."""
+    try:
+        tensors = load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types for a file that is not one of its files
+        raise IndexError_(f"{file} is not a safetensors file ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild the index") from None
+    emb = tensors.get("embeddings")
+    if emb is None or emb.ndim != 2 or not emb.is_floating_point():
+        found = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+        raise IndexError_(f"{file} must hold one 2-D float tensor named 'embeddings', it holds {found}")
+    return emb
+
+
+def read_ids(file: Path) -> list[str]:
+    """The ids of an index: a JSON list of unique strings; anything else is a one-line error."""
+    try:
+        ids = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise IndexError_(f"{file} is not valid JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    if not isinstance(ids, list):
+        raise IndexError_(f"{file} must hold a JSON list of string ids, it holds a {type(ids).__name__}")
+    seen: set[str] = set()
+    for row, item_id in enumerate(ids):
+        if not isinstance(item_id, str):
+            raise IndexError_(f"{file}: id at row {row} is {item_id!r}, not a string")
+        if item_id in seen:
+            raise IndexError_(f"{file}: id {item_id!r} appears more than once (again at row {row})")
+        seen.add(item_id)
+    return ids
+
+
+def check_unit_rows(embeddings: torch.Tensor, ids: Sequence[str], where: str,
+                    tolerance: float = UNIT_NORM_TOLERANCE, chunk_rows: int = 1 << 16) -> float:
+    """Refuse rows that are not finite unit vectors (a NaN row ranks first, a scaled one inflates every score);
+    return the largest row norm.
+
+    >>> check_unit_rows(torch.eye(2), ["a", "b"], "toy")
+    1.0
+    """
+    largest = 0.0
+    for start in range(0, embeddings.shape[0], chunk_rows):
+        norms = torch.linalg.vector_norm(embeddings[start:start + chunk_rows], dim=1, dtype=torch.float32)
+        bad = ~((norms - 1).abs() <= tolerance)  # NaN compares false: caught here too
+        if bool(bad.any()):
+            row = start + int(bad.nonzero()[0, 0])
+            norm = float(norms[row - start])
+            what = "non-finite values" if not math.isfinite(norm) else f"L2 norm {norm:.4g}, not 1"
+            raise IndexError_(f"{where}: row {row} (id {ids[row]!r}) has {what}; an index holds L2-normalised "
+                              "embeddings: rebuild it")
+        if norms.numel():
+            largest = max(largest, float(norms.max()))
+    return largest
 
 
 def default_compute_dtype(device: torch.device) -> torch.dtype:
@@ -96,6 +173,7 @@ class CorpusIndex:
         self.path = Path(path) if path is not None else None
         self._searcher: Any = None
         self._column_sums: torch.Tensor | None = None
+        self._max_row_norm: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -114,6 +192,13 @@ class CorpusIndex:
         if self._column_sums is None:
             self._column_sums = column_sums(self.embeddings)
         return self._column_sums
+
+    @property
+    def max_row_norm(self) -> float:
+        """The largest L2 norm of a row (computed once): bounds the rounding of every score (exact ties)."""
+        if self._max_row_norm is None:
+            self._max_row_norm = max_row_norm(self.embeddings)
+        return self._max_row_norm
 
     @property
     def fingerprint(self) -> str | None:
@@ -158,14 +243,17 @@ class CorpusIndex:
             if verify_checksum and files.get(name) != sha256_file(file):
                 raise IndexError_(f"index {folder}: checksum of {name} does not match the manifest (the file "
                                   "is corrupt or was changed after the build); rebuild the index")
-        embeddings = load_file(str(folder / EMBEDDINGS))["embeddings"]
-        ids = json.loads((folder / IDS).read_text(encoding="utf-8"))
+        embeddings = read_embeddings(folder / EMBEDDINGS)
+        ids = read_ids(folder / IDS)
         if embeddings.shape != (manifest["count"], manifest["dim"]) or len(ids) != manifest["count"]:
             raise IndexError_(f"index {folder}: files hold {tuple(embeddings.shape)} embeddings and {len(ids)} ids, "
                               f"the manifest says {manifest['count']} x {manifest['dim']}")
+        largest = check_unit_rows(embeddings, ids, f"index {folder}")
         dev = torch.device(device)
         embeddings = embeddings.to(device=dev, dtype=dtype or default_compute_dtype(dev))
-        return cls(embeddings, ids, manifest, folder)
+        index = cls(embeddings, ids, manifest, folder)
+        index._max_row_norm = largest
+        return index
 
     def rows(self, ids: Sequence[str]) -> list[int]:
         """Corpus rows of ``ids``; an unknown id raises :class:`UnknownIdError` naming it."""
@@ -196,7 +284,7 @@ class CorpusIndex:
     ) -> RankStats:
         """:meth:`rank` for ids already resolved to rows (:meth:`rows`): what a caller that validated them calls."""
         return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements,
-                           corpus_sum=self.column_sums)
+                           corpus_sum=self.column_sums, corpus_norm=self.max_row_norm)
 
     def search(self, queries: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, list[list[str]]]:
         """Top-``k`` corpus items of each query: (scores (Q, k), ids). FAISS when installed, else exact torch."""

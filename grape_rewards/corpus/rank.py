@@ -7,10 +7,16 @@ The rank of a query ``q`` with targets ``T`` over a corpus ``C``, excluding ``E`
 
 ``s`` is the dot product of L2-normalised embeddings (cosine similarity). Ties count in the
 target's favour: an item must score strictly higher than the best target to push it down.
-The target scores come from the same arithmetic as the corpus scan, but through a different kernel;
-scores that tie only up to the last bit of float32 may be ordered either way. On a GPU with a float16
-corpus the queries are rounded to float16 too (products accumulate in float32): ranks then agree with a
-float32 reference except between items whose scores differ by less than float16 resolution (~1e-3).
+
+Ties are exact. A matrix product (the scan) and an elementwise product-and-sum (a target's score) round
+differently, so a bit-identical duplicate of the target could land one last bit above it. Here every
+comparison that the scan's rounding could decide either way is decided by one exact arithmetic instead:
+the best target score is computed in float64 (:func:`pair_scores`); the scan counts an item above it only
+when its float32 score exceeds it by more than the scan's rounding error bound (:func:`scan_error_bound`),
+and every item inside that band is scored again in float64 and compared exactly. Ranks therefore equal a
+float64 recomputation from the stored corpus and the query as the scan sees it (on a GPU with a float16
+corpus the queries are rounded to float16 first, products accumulate in float32), on every device, however
+the corpus is chunked or sharded.
 """
 
 from __future__ import annotations
@@ -90,11 +96,94 @@ def score_block(queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return queries.to(torch.float32) @ block.to(torch.float32).T
 
 
+def scan_queries(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
+    """The float32 queries as :func:`score_block` sees them: rounded to the corpus' dtype on CUDA half precision."""
+    if corpus.is_cuda and corpus.dtype in (torch.float16, torch.bfloat16):
+        queries = queries.to(corpus.dtype)
+    return queries.to(torch.float32)
+
+
 def pair_scores(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """float32 score of each query row against the matching corpus row, with the rounding of :func:`score_block`."""
-    if rows.is_cuda and rows.dtype in (torch.float16, torch.bfloat16):
-        queries = queries.to(rows.dtype)
-    return (queries.to(torch.float32) * rows.to(torch.float32)).sum(-1)
+    """Exact (float64) score of each query row against the matching corpus row: the arithmetic ties are decided by.
+
+    ``queries`` are taken as :func:`scan_queries` gives them. Products of float32 numbers are exact in float64
+    and the sum's rounding is far below float32 resolution, so two bit-identical rows get bit-identical scores.
+
+    >>> pair_scores(torch.tensor([[0.6, 0.8]]), torch.tensor([[0.6, 0.8]])).dtype
+    torch.float64
+    """
+    return (queries.to(torch.float64) * rows.to(torch.float64)).sum(-1)
+
+
+def _unit_roundoff(corpus: torch.Tensor) -> float:
+    """Unit roundoff of :func:`score_block`'s products and sums on ``corpus``.
+
+    float32 (2^-24) on the CPU; on CUDA half precision 2^-23 (tensor cores may truncate instead of rounding
+    when they accumulate); on CUDA float32 what ``torch.backends.cuda.matmul`` allows (TF32: 2^-10, bfloat16
+    passes: 2^-7).
+    """
+    if not corpus.is_cuda:
+        return 2.0 ** -24
+    if corpus.dtype in (torch.float16, torch.bfloat16):
+        return 2.0 ** -23
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0 ** -7
+    if precision == "high" or torch.backends.cuda.matmul.allow_tf32:
+        return 2.0 ** -10
+    return 2.0 ** -24
+
+
+def max_row_norm(corpus: torch.Tensor) -> float:
+    """The largest L2 norm of a corpus row (0 for an empty corpus); bounds every score's rounding error.
+
+    >>> max_row_norm(torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+    5.0
+    """
+    if corpus.shape[0] == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(corpus, dim=1, dtype=torch.float32).max())
+
+
+def scan_error_bound(queries: torch.Tensor, corpus: torch.Tensor, corpus_norm: float | None = None) -> torch.Tensor:
+    """Per query, a bound on ``|score_block - pair_scores|`` over every row of ``corpus`` (float64, on the host).
+
+    A dot product of length D summed in any order with unit roundoff u is off by at most
+    ``gamma_D * sum|q_i c_i| <= gamma_D * |q| * |c|`` with ``gamma_D = D u / (1 - D u)`` (Higham, Accuracy and
+    Stability of Numerical Algorithms, 3.1); doubled for the float32 rounding of the result and some slack.
+
+    >>> float(scan_error_bound(torch.ones(1, 4) / 2, torch.eye(4))[0]) < 1e-6
+    True
+    """
+    dim = corpus.shape[1]
+    du = (dim + 2) * _unit_roundoff(corpus)
+    if du >= 0.5:  # no useful bound: every comparison is made exactly
+        return torch.full((queries.shape[0],), float("inf"), dtype=torch.float64)
+    norm = max_row_norm(corpus) if corpus_norm is None else corpus_norm
+    q = torch.linalg.vector_norm(queries.detach().to("cpu", torch.float64), dim=1)
+    return 2 * du / (1 - du) * q * norm + 2 * torch.finfo(torch.float32).tiny
+
+
+def tie_band(thresholds: torch.Tensor, bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(low, high)`` around float64 ``thresholds``, rounded outwards, ``bound`` away on each side.
+
+    A float32 score above ``high`` is surely above its threshold, one at or below ``low`` surely not; the
+    scores in between are decided exactly. A query without a threshold (-inf) has an empty band.
+
+    >>> low, high = tie_band(torch.tensor([0.5, float("-inf")], dtype=torch.float64),
+    ...                      torch.tensor([1e-3, 1e-3], dtype=torch.float64))
+    >>> bool(low[0] < 0.499 and high[0] > 0.501), low[1].item(), high[1].item()
+    (True, -inf, -inf)
+    """
+    t = thresholds.to(torch.float64)
+    bound = bound.to(device=t.device, dtype=torch.float64)
+    finite = torch.isfinite(t)
+    lo64 = torch.where(finite, t - bound, t)
+    hi64 = torch.where(finite, t + bound, t)
+    low, high = lo64.to(torch.float32), hi64.to(torch.float32)
+    low = torch.where(low.to(torch.float64) > lo64, torch.nextafter(low, torch.full_like(low, float("-inf"))), low)
+    high = torch.where(high.to(torch.float64) < hi64, torch.nextafter(high, torch.full_like(high, float("inf"))), high)
+    return low, high
 
 
 def chunk_rows(num_queries: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
@@ -148,20 +237,21 @@ def _check_inputs(queries: torch.Tensor, corpus: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def target_scores(queries: torch.Tensor, corpus: torch.Tensor, targets: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Each query's best score among its target rows of ``corpus`` (-inf for a query with none here), on the CPU.
+    """Each query's best exact (float64) score among its target rows of ``corpus`` (-inf for a query with none
+    here), on the CPU.
 
     >>> target_scores(torch.tensor([[1.0, 0.0]]), torch.eye(2), [[0, 1]]).tolist()
     [1.0]
     """
     _check_inputs(queries, corpus)
-    q = queries.to(device=corpus.device, dtype=torch.float32)
+    q = scan_queries(queries.to(corpus.device), corpus)
     tq, tr = to_device(_pairs(targets, q.shape[0], corpus.shape[0], "targets"), corpus.device)
     return _best_target_scores(q, corpus, tq, tr).cpu()
 
 
 def _best_target_scores(q: torch.Tensor, corpus: torch.Tensor, tq: torch.Tensor, tr: torch.Tensor) -> torch.Tensor:
     """Device part of :func:`target_scores`: (query, row) pairs already on the corpus' device; stays there."""
-    best = torch.full((q.shape[0],), float("-inf"), device=corpus.device)
+    best = torch.full((q.shape[0],), float("-inf"), dtype=torch.float64, device=corpus.device)
     if tq.numel():
         best.scatter_reduce_(0, tq, pair_scores(q[tq], corpus[tr]), reduce="amax")
     return best
@@ -189,6 +279,7 @@ def scan_counts(
     masked: Sequence[Sequence[int]],
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     corpus_sum: torch.Tensor | None = None,
+    corpus_norm: float | None = None,
 ) -> ScanCounts:
     """Scan ``corpus`` in chunks: per query, the items (other than its ``masked`` rows) scoring above its threshold.
 
@@ -196,13 +287,15 @@ def scan_counts(
     unrounded query, so it does not depend on how the corpus is chunked or sharded (beyond float64 rounding).
 
     Args:
-        thresholds: (Q,) each query's best target score.
+        thresholds: (Q,) each query's best target score (:func:`target_scores`; float64 keeps ties exact).
         masked: per query, the rows of this corpus left out (its targets and exclusions held here).
         corpus_sum: :func:`column_sums` of ``corpus`` when the caller keeps it (an index does); else computed.
+        corpus_norm: :func:`max_row_norm` of ``corpus`` when the caller keeps it; else computed.
     """
     _check_inputs(queries, corpus)
     scan = _ScanPlan.make(queries.shape[0], corpus, masked, chunk_elements)
-    return _scan(queries.to(device=corpus.device), corpus, to_device(thresholds, corpus.device), scan, corpus_sum)
+    return _scan(queries.to(device=corpus.device), corpus, to_device(thresholds, corpus.device), scan, corpus_sum,
+                 corpus_norm)
 
 
 @dataclass(frozen=True)
@@ -237,45 +330,50 @@ class _ScanPlan:
 
 
 def _scan(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
-          corpus_sum: torch.Tensor | None) -> ScanCounts:
-    """:func:`_scan_on_device`, then its results to the host (the one wait for the device)."""
-    count_above, total, best = _scan_on_device(q, corpus, thresholds, scan, corpus_sum)
+          corpus_sum: torch.Tensor | None, corpus_norm: float | None) -> ScanCounts:
+    """:func:`_scan_on_device`, then its results to the host."""
+    count_above, total, best = _scan_on_device(q, corpus, thresholds, scan, corpus_sum, corpus_norm)
     return ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
 
 
 def _scan_on_device(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
-                    corpus_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The scan itself: only device work (no copy to or from the host, no sync), so the host queues it and moves on.
+                    corpus_sum: torch.Tensor | None, corpus_norm: float | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scan itself. The host waits for the device only in a chunk whose float32 scores come within rounding
+    of a threshold (:func:`tie_band`): those few scores are located and decided exactly.
 
     Returns per query, on the device: the count above the threshold, the float64 summed score, the best score.
     """
     device = corpus.device
     num_queries = q.shape[0]
     mq, mr = scan.mq, scan.mr
-    threshold = thresholds.to(torch.float32)[:, None]
     q64 = q.to(torch.float64)
     total = q64 @ (corpus_sum if corpus_sum is not None else column_sums(corpus)).to(device)
     total.index_add_(0, mq, (q64[mq] * corpus[mr].to(torch.float64)).sum(1), alpha=-1)
-    q = q.to(torch.float32)
+    q = scan_queries(q, corpus)
+    exact = thresholds.to(torch.float64)
+    low, high = tie_band(exact, to_device(scan_error_bound(q, corpus, corpus_norm), device))
     count_above = torch.zeros(num_queries, dtype=torch.long, device=device)
     best = torch.full((num_queries,), float("-inf"), device=device)
     masked_score = torch.full((), float("-inf"), device=device)  # a device scalar: a Python float would be copied
-    count_dtype = torch.float32 if scan.step <= 1 << 24 else torch.float64  # 0/1 sums stay exact integers
     fused = _use_fused(corpus)
     for k, start in enumerate(scan.starts):
         scores = score_block(q, corpus[start:start + scan.step])
         lo, hi = scan.bounds[k], scan.bounds[k + 1]
         if hi > lo:  # leave the masked pairs out
             scores.index_put_((mq[lo:hi], mr[lo:hi] - start), masked_score)
-        if fused:  # max and count in one read of the chunk (Triton)
-            chunk_best, chunk_count = row_max_count(scores, threshold)
-            best = torch.maximum(best, chunk_best)
-            count_above += chunk_count
-            continue
-        best = torch.maximum(best, scores.amax(1))
-        # In place, no second chunk-sized allocation: the scores become 1.0 above the threshold, else 0.0. Summing
-        # floats is also faster than summing a bool temporary (measured on an H200: 0.31 vs 0.52 ms per 2^26).
-        count_above += scores.gt_(threshold).sum(1, dtype=count_dtype).to(torch.long)
+        if fused:  # max and both counts in one read of the chunk (Triton)
+            chunk_best, above_high, above_low = row_max_count(scores, high, low)
+        else:
+            chunk_best = scores.amax(1)
+            above_high = scores.gt(high[:, None]).sum(1)
+            above_low = scores.gt(low[:, None]).sum(1)
+        best = torch.maximum(best, chunk_best)
+        count_above += above_high
+        if bool((above_low > above_high).any()):  # near-ties in this chunk: decide them exactly
+            bq, bc = ((scores > low[:, None]) & (scores <= high[:, None])).nonzero(as_tuple=True)
+            wins = pair_scores(q[bq], corpus[start + bc]) > exact[bq]
+            count_above += torch.bincount(bq[wins], minlength=num_queries)
     return count_above, total, best
 
 
@@ -296,6 +394,7 @@ def corpus_rank(
     excluded: Sequence[Sequence[int]] | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     corpus_sum: torch.Tensor | None = None,
+    corpus_norm: float | None = None,
 ) -> RankStats:
     """Rank each query's best target among the whole corpus.
 
@@ -307,6 +406,7 @@ def corpus_rank(
         excluded: for each query, corpus rows left out of the ranking (e.g. CIRR's reference image).
         chunk_elements: at most this many query x corpus scores are held at once.
         corpus_sum: :func:`column_sums` of ``corpus``, when the caller keeps it.
+        corpus_norm: :func:`max_row_norm` of ``corpus``, when the caller keeps it.
 
     >>> c = torch.eye(4)
     >>> q = torch.tensor([[0.6, 0.8, 0.0, 0.0]])
@@ -323,12 +423,10 @@ def corpus_rank(
     excluded = excluded if excluded is not None else [[] for _ in targets]
     if len(excluded) != len(targets):
         raise ValueError(f"excluded: got {len(excluded)} lists for {len(targets)} queries")
-    # Everything the host works out comes first; then the device runs target scores and scan back to back, and the
-    # results come back at the end (no round trip in between).
     num_queries = queries.shape[0]
     masked = [list(t) + list(e) for t, e in zip(targets, excluded)]
     scan = _ScanPlan.make(num_queries, corpus, masked, chunk_elements)
     tq, tr = to_device(_pairs(targets, num_queries, corpus.shape[0], "targets"), corpus.device)
     q = queries.to(device=corpus.device)
-    thresholds = _best_target_scores(q.to(torch.float32), corpus, tq, tr)
-    return finish_rank(_scan(q, corpus, thresholds, scan, corpus_sum), thresholds.cpu())
+    thresholds = _best_target_scores(scan_queries(q, corpus), corpus, tq, tr)
+    return finish_rank(_scan(q, corpus, thresholds, scan, corpus_sum, corpus_norm), thresholds.cpu())

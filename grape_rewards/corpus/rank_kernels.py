@@ -1,9 +1,11 @@
-"""A fused GPU kernel for the rank scan: each query's best score and its count above a threshold, in one read.
+"""A fused GPU kernel for the rank scan: each query's best score and its counts above two thresholds, in one read.
 
-The scan of a score chunk needs, per query row, ``max(scores)`` and ``count(scores > threshold)``. In torch that
-is ``amax`` plus an in-place ``gt_`` and a ``sum``: three reads and a write of the chunk (1024 x 65,536 float32
-= 256 MiB; 0.57 ms per chunk on an H200, 9 ms of a 1M-item scan). :func:`row_max_count` reads it once (Triton).
-Both results are exact (the same float32 comparisons), so they must be equal bit for bit.
+The scan of a score chunk needs, per query row, ``max(scores)``, ``count(scores > high)`` and
+``count(scores > low)`` (the two edges of the band of near-ties that are decided exactly: see
+:func:`~grape_rewards.rewards.rank.tie_band`). In torch that is ``amax`` plus two comparisons and sums: several
+reads of the chunk (1024 x 65,536 float32 = 256 MiB; about 0.6 ms per chunk on an H200). :func:`row_max_count`
+reads it once (Triton). Every result is exact (the same float32 comparisons; a score equal to a threshold is not
+above it), so they must be equal bit for bit.
 
 ``GRAPE_FUSED_RANK`` chooses: ``auto`` (the default) checks the kernel on each GPU the first time a scan runs
 there (:func:`probe`: a chunk-sized problem with masked entries and ties, results compared with torch's exactly,
@@ -38,22 +40,26 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def row_max_count_kernel(scores_ptr, thr_ptr, max_ptr, count_ptr, n_cols, stride_row, n_seg,
-                             SEGMENT: tl.constexpr, BLOCK: tl.constexpr):
+    def row_max_count_kernel(scores_ptr, high_ptr, low_ptr, max_ptr, high_count_ptr, low_count_ptr, n_cols,
+                             stride_row, n_seg, SEGMENT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         seg = tl.program_id(1)
-        thr = tl.load(thr_ptr + row)
+        high = tl.load(high_ptr + row)
+        low = tl.load(low_ptr + row)
         base = scores_ptr + row.to(tl.int64) * stride_row
         best = tl.full([BLOCK], float("-inf"), tl.float32)
-        count = tl.zeros([BLOCK], tl.int32)
+        above_high = tl.zeros([BLOCK], tl.int32)
+        above_low = tl.zeros([BLOCK], tl.int32)
         first = seg * SEGMENT
         for step in range(0, SEGMENT, BLOCK):  # constant bounds: unrolled by the compiler
             offs = first + step + tl.arange(0, BLOCK)
             s = tl.load(base + offs, mask=offs < n_cols, other=float("-inf"))
             best = tl.maximum(best, s)
-            count += (s > thr).to(tl.int32)
+            above_high += (s > high).to(tl.int32)
+            above_low += (s > low).to(tl.int32)
         tl.store(max_ptr + row * n_seg + seg, tl.max(best, axis=0))
-        tl.store(count_ptr + row * n_seg + seg, tl.sum(count, axis=0))
+        tl.store(high_count_ptr + row * n_seg + seg, tl.sum(above_high, axis=0))
+        tl.store(low_count_ptr + row * n_seg + seg, tl.sum(above_low, axis=0))
 
     return row_max_count_kernel
 
@@ -107,18 +113,20 @@ def probe(device: torch.device, rows: int = 1024, cols: int = 65_536, repeats: i
     try:  # no compiler for this GPU, an old Triton, no memory left for the probe...: the torch path is always there
         g = torch.Generator(device=device).manual_seed(0)
         scores = torch.randn(rows, cols, device=device, generator=g)
-        threshold = torch.randn(rows, device=device, generator=g)
+        high = torch.randn(rows, device=device, generator=g)
+        low = high - 1e-3
         scores[:, :7] = float("-inf")  # masked pairs
-        scores[:, 7] = threshold  # ties: not above
+        scores[:, 7] = high  # ties: not above
+        scores[:, 8] = low
         if rows:
-            threshold[-1] = float("-inf")  # everything finite is above
+            high[-1] = low[-1] = float("-inf")  # everything finite is above
 
-        def torch_ops() -> tuple[torch.Tensor, torch.Tensor]:
-            return scores.amax(1), (scores > threshold[:, None]).sum(1)
+        def torch_ops() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return scores.amax(1), (scores > high[:, None]).sum(1), (scores > low[:, None]).sum(1)
 
-        want, got = torch_ops(), row_max_count(scores, threshold)
-        out["equal"] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
-        out["fused_ms"] = median_seconds(lambda: row_max_count(scores, threshold), device, repeats) * 1e3
+        want, got = torch_ops(), row_max_count(scores, high, low)
+        out["equal"] = all(torch.equal(a, b) for a, b in zip(got, want))
+        out["fused_ms"] = median_seconds(lambda: row_max_count(scores, high, low), device, repeats) * 1e3
         out["torch_ms"] = median_seconds(torch_ops, device, repeats) * 1e3
     except Exception as exc:
         out["equal"] = False
@@ -126,20 +134,23 @@ def probe(device: torch.device, rows: int = 1024, cols: int = 65_536, repeats: i
     return out
 
 
-def row_max_count(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of the (Q, B) float32 ``scores``: the maximum, and how many entries exceed ``threshold`` (Q,).
+def row_max_count(scores: torch.Tensor, high: torch.Tensor,
+                  low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of the (Q, B) float32 ``scores``: the maximum, and how many entries exceed ``high`` and ``low`` (Q,).
 
-    Equal to ``scores.amax(1)`` and ``(scores > threshold[:, None]).sum(1)`` (int64) for finite thresholds and
-    scores without NaN; ``-inf`` entries (masked pairs) never count and never win the maximum.
+    Equal to ``scores.amax(1)``, ``(scores > high[:, None]).sum(1)`` and ``(scores > low[:, None]).sum(1)``
+    (int64) for scores without NaN; an entry equal to a threshold is not above it (ties stay ties), and ``-inf``
+    entries (masked pairs) never count and never win the maximum.
     """
     if scores.dtype != torch.float32 or scores.ndim != 2 or scores.stride(1) != 1:
         raise ValueError("row_max_count needs a 2-D float32 tensor with contiguous rows")
     rows, cols = scores.shape
     n_seg = max(1, -(-cols // SEGMENT))
     out_max = torch.empty(rows, n_seg, dtype=torch.float32, device=scores.device)
-    out_count = torch.empty(rows, n_seg, dtype=torch.int32, device=scores.device)
+    out_high = torch.empty(rows, n_seg, dtype=torch.int32, device=scores.device)
+    out_low = torch.empty(rows, n_seg, dtype=torch.int32, device=scores.device)
     if rows:
-        thr = threshold.to(device=scores.device, dtype=torch.float32).reshape(rows).contiguous()
-        _kernel()[(rows, n_seg)](scores, thr, out_max, out_count, cols, scores.stride(0), n_seg,
+        hi, lo = (t.to(device=scores.device, dtype=torch.float32).reshape(rows).contiguous() for t in (high, low))
+        _kernel()[(rows, n_seg)](scores, hi, lo, out_max, out_high, out_low, cols, scores.stride(0), n_seg,
                                  SEGMENT=SEGMENT, BLOCK=BLOCK)
-    return out_max.amax(1), out_count.sum(1, dtype=torch.int64)
+    return out_max.amax(1), out_high.sum(1, dtype=torch.int64), out_low.sum(1, dtype=torch.int64)

@@ -82,7 +82,7 @@ class ShardActor:
     def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list[list[int]],
              chunk_elements: int) -> ShardScan:
         counts = scan_counts(queries, self.index.embeddings, thresholds, masked, chunk_elements,
-                             self.index.column_sums)
+                             self.index.column_sums, self.index.max_row_norm)
         return ShardScan(self.shard, len(self.index), counts)
 
     def vectors(self, rows: list[int]) -> torch.Tensor:

@@ -351,7 +351,7 @@ class LocalShards:
         def one(s: int) -> ShardScan:
             shard = self.shards[s]
             return ShardScan(s, len(shard), scan_counts(queries, shard.embeddings, thresholds, masked[s],
-                                                        chunk_elements, shard.column_sums))
+                                                        chunk_elements, shard.column_sums, shard.max_row_norm))
 
         return list(self._map(one, range(len(self.shards))).values())
 
@@ -496,7 +496,7 @@ class ShardedIndex:
         if set(scores) != set(shard_targets):
             raise IncompleteCorpusError(f"{self.name}: shards {sorted(set(shard_targets) - set(scores))} did not "
                                         "score their targets")
-        thresholds = torch.stack([scores[s].to(torch.float32) for s in sorted(scores)]).amax(0)
+        thresholds = torch.stack([scores[s].to(torch.float64) for s in sorted(scores)]).amax(0)
         if thresholds.shape != (num_queries,) or not torch.isfinite(thresholds).all():
             raise IncompleteCorpusError(f"{self.name}: some queries got no target score from the shards")
 
@@ -573,4 +573,4 @@ def load_sharded_scorer(config: ServeConfig, backend: ShardBackend | None = None
         raise IndexError_(f"sharded index {config.index} does not name its retriever; pass --retriever")
     retriever = create_retriever(spec, device=config.device, fusion=config.fusion, image_weight=config.image_weight)
     return RewardScorer(retriever, index, config.load_reward_config(), cache_size=config.cache_size,
-                        max_text_chars=config.max_text_chars)
+                        cache_bytes=config.cache_bytes, max_text_chars=config.max_text_chars)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..corpus.build import build_index
 from ..corpus.index import CorpusIndex, IndexError_, read_manifest
-from ..corpus.rank import DEFAULT_CHUNK_ELEMENTS, RankStats
+from ..corpus.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, pair_scores
 from ..corpus.source import CorpusSource
 from ..datasets.schema import Benchmark, Query
 from ..retrievers.base import Retriever
@@ -313,11 +313,11 @@ def method_texts(queries: Sequence[Query], rewrites: RewriteSet | None) -> Metho
 
 
 def _subset_scores(queries: torch.Tensor, index: CorpusIndex, subsets: Sequence[Sequence[str]]) -> list[list[float]]:
-    """Each query's similarity to each id of its subset, in subset order."""
+    """Each query's exact (float64) similarity to each id of its subset, in subset order (ties stay ties)."""
     out = []
     for q, subset in zip(queries, subsets):
         emb = index.embeddings[index.rows(subset)].to("cpu", torch.float32)
-        out.append((emb @ q).tolist())
+        out.append(pair_scores(q.to("cpu", torch.float32)[None, :], emb).tolist())
     return out
 
 

@@ -5,8 +5,10 @@ test mounts); ``create_app_from_config(config)`` loads the retriever and index i
 fingerprint, and only then reports ready.
 
 Endpoints: ``POST /get_reward`` (OpenRLHF), ``POST /v1/rewards`` (native), ``POST /retrieve`` (Search-R1 top-k),
-``GET /health`` (alive), ``GET /ready`` (accepting work), ``GET /info``, ``GET /metrics`` (Prometheus).
-Errors are JSON ``{"detail": message}`` with a 4xx status that names the problem; 503s carry Retry-After.
+``GET /health`` (alive), ``GET /ready`` (accepting work), ``GET /info``, ``GET /metrics`` (Prometheus), and the
+contract: ``GET /openapi.json`` and ``GET /docs`` (:mod:`.schema`).
+Errors are JSON ``{"detail": message}`` with a 4xx status that names the problem; 503s carry Retry-After; a 500
+says only that the error was logged (with an id to find it), never the exception's text.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import gc
 import hmac
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -28,7 +31,7 @@ from fastapi.responses import Response
 from .. import __version__
 from ..framework_io import native_answer, openrlhf_answer
 from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
-from .batcher import BatcherClosed, MicroBatcher, QueueFull
+from .batcher import BatcherClosed, MicroBatcher, QueueFull, SearchQuery
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE, ENDPOINTS, ServiceMetrics
 from .protocol import (
@@ -40,11 +43,23 @@ from .protocol import (
     parse_retrieve,
     retrieve_response,
 )
+from .schema import (
+    OpenRLHFRequest,
+    OpenRLHFResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+    RewardsRequest,
+    RewardsResponse,
+    build_openapi,
+    error_responses,
+    request_body,
+)
 
 logger = logging.getLogger("grape_rewards.server")
-OPEN_PATHS = frozenset({"/health", "/ready"})
-"""Answered without the token (liveness and readiness probes)."""
+OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs"})
+"""Answered without the token (liveness and readiness probes, and the API contract)."""
 
+T = TypeVar("T")
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 
@@ -136,10 +151,33 @@ class ServiceState:
         samples = await self.score(items, validated(scorer, items, "items[{}]"))
         return dumps(native_answer(samples, scorer.keys))
 
+    async def retrieve(self, body: bytes) -> bytes:
+        """``POST /retrieve`` (Search-R1 top-k) from body to answer, through the batcher like scoring."""
+        scorer = self.require_ready()
+        config = self.config
+        queries, topk, return_scores, refs = parse_retrieve(parse_body(body), config.max_items_per_request,
+                                                            config.max_topk, config.max_text_chars)
+        if scorer.retriever.takes_reference and refs is None and getattr(scorer.retriever, "fusion", "sum") != "text":
+            raise RequestError(422, f"{scorer.retriever.spec!r} fuses a reference image into each query: pass "
+                                    "'reference_ids' (one corpus id per query)")
+        if refs is not None:
+            try:
+                scorer.index.rows(refs)
+            except KeyError as exc:
+                raise RequestError(422, f"reference_ids: {exc}") from None
+        found = await self._admitted(self.batcher.submit_retrieve(  # type: ignore[union-attr]
+            [SearchQuery(q, refs[i] if refs is not None else None) for i, q in enumerate(queries)], topk,
+            config.search_backend))
+        return dumps(retrieve_response([f[0] for f in found], [f[1] for f in found], return_scores))
+
     async def score(self, items: list[RewardItem], rows: ItemRows) -> list[dict[str, float]]:
         assert self.batcher is not None
+        return await self._admitted(self.batcher.submit(items, rows))
+
+    async def _admitted(self, work: Awaitable[T]) -> T:
+        """Await queued work, answering a full queue or a draining service with 503 and Retry-After."""
         try:
-            return await self.batcher.submit(items, rows)
+            return await work
         except QueueFull as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise HTTPProblem(503, str(exc), {"Retry-After": str(exc.retry_after)}) from None
@@ -164,7 +202,8 @@ def load_scorer(config: ServeConfig) -> RewardScorer:
     return RewardScorer.from_index(
         config.index, config.load_reward_config(), retriever=config.retriever, device=config.device,
         fusion=config.fusion, image_weight=config.image_weight,
-        scorer_options={"cache_size": config.cache_size, "max_text_chars": config.max_text_chars})
+        scorer_options={"cache_size": config.cache_size, "cache_bytes": config.cache_bytes,
+                        "max_text_chars": config.max_text_chars})
 
 
 def warm_up(scorer: RewardScorer) -> None:
@@ -190,19 +229,31 @@ def tune_gc(young_threshold: int = 100_000) -> None:
     gc.set_threshold(max(young, young_threshold), middle, old)
 
 
-def _retrieve(scorer: RewardScorer, queries: list[str], topk: int, refs: list[str] | None,
-              backend: str) -> tuple[list[list[float]], list[list[str]]]:
-    emb, _ = scorer.encode(queries)
-    if scorer.retriever.takes_reference:
-        ref = scorer.index.vectors(refs) if refs is not None else None
-        emb = scorer.retriever.fuse_queries(emb, ref)
-    scores, ids = scorer.index.search(emb, topk, backend=backend)
-    return scores.tolist(), ids
-
-
 # -- ASGI guard: auth, body size, request metrics ---------------------------------------------------------
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(RequestError):
+    """Raised while the body is read (a chunked body announces no length): answered 413 wherever it is caught."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(413, _too_large(size, limit))
+
+
+def bearer_token(header: bytes) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer <token>`` header; the scheme is case-insensitive (RFC 9110).
+
+    >>> bearer_token(b"bearer abc"), bearer_token(b"BEARER   abc "), bearer_token(b"Basic abc")
+    (b'abc', b'abc', None)
+    """
+    scheme, _, credentials = header.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return credentials.strip()
+
+
+def internal_error(where: str) -> str:
+    """Log the exception being handled under a fresh id; the message for the client names only the id."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.exception("unhandled error %s on %s", error_id, where)
+    return f"internal error {error_id}: the service logged it"
 
 
 class GuardMiddleware:
@@ -216,12 +267,13 @@ class GuardMiddleware:
         self.app = app
         self.state = state
         token = state.config.token
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
         self.limit = state.config.max_body_bytes
+        self.body_timeout = state.config.body_timeout_s
         self.fast: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
-            "/get_reward": state.get_reward, "/v1/rewards": state.rewards}
-        """The hot scoring routes, served here without the framework's routing and request objects (about
-        half the per-request CPU, which on a small machine is taken from the device worker)."""
+            "/get_reward": state.get_reward, "/v1/rewards": state.rewards, "/retrieve": state.retrieve}
+        """The POST routes, served here without the framework's routing and request objects (about half the
+        per-request CPU, which on a small machine is taken from the device worker)."""
 
     async def _serve_fast(self, handler: Callable[[bytes], Awaitable[bytes]], receive: Callable[[], Awaitable[dict]],
                           send: Callable[[dict], Awaitable[None]]) -> None:
@@ -242,9 +294,8 @@ class GuardMiddleware:
         except HTTPProblem as exc:
             await _send_problem(send, exc.status, exc.message, exc.headers)
             return
-        except Exception as exc:
-            logger.exception("unhandled error while scoring")
-            await _send_problem(send, 500, f"internal error: {type(exc).__name__}: {exc}")
+        except Exception:
+            await _send_problem(send, 500, internal_error("a POST route"))
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -274,7 +325,7 @@ class GuardMiddleware:
             headers = dict(scope["headers"])
             if self.expected is not None and path not in OPEN_PATHS:
                 given = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(given, self.expected):
+                if not hmac.compare_digest(bearer_token(given) or b"", self.expected):
                     metrics.rejected.labels(reason="unauthorized").inc()
                     message = ("missing bearer token: send 'Authorization: Bearer <token>'" if not given
                                else "invalid bearer token")
@@ -292,14 +343,23 @@ class GuardMiddleware:
                     await _send_problem(send_wrapper, 413, _too_large(declared, self.limit))
                     return
             received = 0
+            body_done = False
 
             async def receive_limited() -> dict:
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done:  # after the body: only a disconnect can come, and it may come at any time
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except asyncio.TimeoutError:
+                    metrics.rejected.labels(reason="bad_request").inc()
+                    raise RequestError(408, f"request body not received within body_timeout_s="
+                                            f"{self.body_timeout:g} s") from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.limit:
-                        raise _BodyTooLarge
+                        raise _BodyTooLarge(received, self.limit)
+                    body_done = not message.get("more_body", False)
                 return message
 
             try:
@@ -308,10 +368,12 @@ class GuardMiddleware:
                     await self._serve_fast(handler, receive_limited, send_wrapper)
                 else:
                     await self.app(scope, receive_limited, send_wrapper)
-            except _BodyTooLarge:
-                metrics.rejected.labels(reason="too_large").inc()
+            except RequestError as exc:  # the body was too large or too slow (raised while it was read)
+                if exc.status == 413:
+                    metrics.rejected.labels(reason="too_large").inc()
                 if not started:
-                    await _send_problem(send_wrapper, 413, _too_large(received, self.limit))
+                    await _send_problem(send_wrapper, exc.status, exc.message,
+                                        {"Connection": "close"} if exc.status == 408 else None)
         finally:
             metrics.requests_in_progress -= 1
             metrics.observe_request(endpoint, status, time.perf_counter() - start)
@@ -366,9 +428,10 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
         finally:
             await state.shutdown()
 
-    app = RewardApp(title="grape-rewards", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                    openapi_url=None)
+    app = RewardApp(title="grape-rewards", version=__version__, lifespan=lifespan, redoc_url=None,
+                    description="Corpus-relative rank rewards for GRPO training of query-rewriting LLMs.")
     app.state.service = state
+    app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, exc: HTTPProblem) -> Response:
@@ -381,44 +444,29 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s", request.url.path)
-        return json_response({"detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        return json_response({"detail": internal_error(request.url.path)}, 500)
 
-    # The two scoring routes are served by GuardMiddleware's raw-ASGI fast path (same code: the state's
-    # get_reward / rewards); these FastAPI routes answer what the fast path leaves (e.g. a GET: 405).
-    @app.post("/get_reward")
+    # The POST routes are served by GuardMiddleware's raw-ASGI fast path (the same code: the state's get_reward,
+    # rewards, retrieve); these FastAPI routes publish their contract and answer what the fast path leaves.
+    errors = error_responses(400, 401, 408, 413, 422, 500, 503)
+
+    @app.post("/get_reward", openapi_extra=request_body(OpenRLHFRequest),
+              responses={200: {"model": OpenRLHFResponse}, **errors})
     async def get_reward(request: Request) -> Response:
         """OpenRLHF's remote reward protocol."""
         return Response(await state.get_reward(await request.body()), media_type="application/json")
 
-    @app.post("/v1/rewards")
+    @app.post("/v1/rewards", openapi_extra=request_body(RewardsRequest),
+              responses={200: {"model": RewardsResponse}, **errors})
     async def rewards(request: Request) -> Response:
         """The native API: reward items in, every component and the statistics out."""
         return Response(await state.rewards(await request.body()), media_type="application/json")
 
-    @app.post("/retrieve")
+    @app.post("/retrieve", openapi_extra=request_body(RetrieveRequest),
+              responses={200: {"model": RetrieveResponse}, **errors})
     async def retrieve(request: Request) -> Response:
-        """Top-k search in the Search-R1 shape."""
-        scorer = state.require_ready()
-        data = parse_body(await request.body())
-        queries, topk, return_scores, refs = parse_retrieve(data, config.max_items_per_request, config.max_topk)
-        if scorer.retriever.takes_reference and refs is None and getattr(scorer.retriever, "fusion", "sum") != "text":
-            raise RequestError(422, f"{scorer.retriever.spec!r} fuses a reference image into each query: pass "
-                                    "'reference_ids' (one corpus id per query)")
-        if refs is not None:
-            try:
-                scorer.index.rows(refs)
-            except KeyError as exc:
-                raise RequestError(422, f"reference_ids: {exc}") from None
-        if not queries:
-            return json_response({"result": []})
-        assert state.batcher is not None
-        try:
-            scores, ids = await state.batcher.run_on_device(_retrieve, scorer, queries, topk, refs,
-                                                            config.search_backend)
-        except BatcherClosed as exc:
-            raise HTTPProblem(503, str(exc), {"Retry-After": str(config.retry_after_s)}) from None
-        return json_response(retrieve_response(scores, ids, return_scores))
+        """Top-k search in the Search-R1 shape, batched and admitted like scoring."""
+        return Response(await state.retrieve(await request.body()), media_type="application/json")
 
     @app.get("/health")
     async def health() -> Response:

@@ -16,6 +16,10 @@ concurrency 1 there is no wait at all).
 
 A full queue raises :class:`QueueFull` (the app answers 503 with Retry-After) instead of growing. If a
 batch raises, each of its requests is rescored alone, so one bad request cannot fail the others.
+
+Top-k search (``/retrieve``) goes through the same queue, admission rule and worker
+(:meth:`MicroBatcher.submit_retrieve`): consecutive search requests are run as one batch (one encoder call and
+one search for all their queries), so search can neither starve scoring nor bypass the queue limit.
 """
 
 from __future__ import annotations
@@ -52,13 +56,37 @@ class BatcherClosed(RuntimeError):
     """The service is draining for shutdown and takes no new work."""
 
 
+@dataclass(frozen=True)
+class SearchQuery:
+    """One ``/retrieve`` query: its text and, for composed retrieval, its reference image's corpus id."""
+
+    text: str
+    reference_id: str | None = None
+
+
 @dataclass
 class _Request:
-    items: Sequence[RewardItem]
+    items: Sequence[Any]
+    """RewardItems to score, or SearchQuery objects to search."""
     rows: ItemRows | None
-    """What :meth:`RewardScorer.validate` returned for the items (None: the scorer validates them)."""
+    """What :meth:`RewardScorer.validate` returned for the items to score (None: the scorer validates them)."""
     future: asyncio.Future
     enqueued: float
+    kind: tuple[str, ...] = ("score",)
+    """What the items are; only requests of one kind share a batch (``("search", backend, with_refs)``)."""
+    topk: int = 0
+
+
+def search_batch(scorer: RewardScorer, queries: Sequence[SearchQuery], topk: int,
+                 backend: str) -> list[tuple[list[float], list[str]]]:
+    """Top-``topk`` (scores, ids) of each query: one encoder call and one search for the whole batch."""
+    emb, _ = scorer.encode([q.text for q in queries])
+    if scorer.retriever.takes_reference:
+        refs = [q.reference_id for q in queries]
+        ref = scorer.index.vectors(refs) if all(r is not None for r in refs) else None  # type: ignore[arg-type]
+        emb = scorer.retriever.fuse_queries(emb, ref)
+    scores, ids = scorer.index.search(emb, topk, backend=backend)
+    return list(zip(scores.tolist(), ids))
 
 
 def _joined_rows(batch: Sequence[_Request]) -> ItemRows | None:
@@ -143,6 +171,18 @@ class MicroBatcher:
         Validate first and pass the rows (``rows = scorer.validate(items)``): the ids are then looked up once, and
         a bad request is refused before it joins a batch (the batch fallback isolates it too, at a cost).
         """
+        return await self._enqueue(items, ("score",), rows=rows)
+
+    async def submit_retrieve(self, queries: Sequence[SearchQuery], topk: int,
+                              backend: str = "auto") -> list[tuple[list[float], list[str]]]:
+        """Top-``topk`` (scores, ids) of each query, searched in a batch with other search requests; the same
+        queue, admission (:class:`QueueFull`) and drain (:class:`BatcherClosed`) as :meth:`submit`."""
+        with_refs = bool(queries) and queries[0].reference_id is not None
+        results = await self._enqueue(queries, ("search", backend, str(with_refs)), topk)
+        return [(scores[:topk], ids[:topk]) for scores, ids in results]
+
+    async def _enqueue(self, items: Sequence[Any], kind: tuple[str, ...], topk: int = 0,
+                       rows: ItemRows | None = None) -> list[Any]:
         if self._closing or self._task is None:
             raise BatcherClosed("the reward service is shutting down" if self._closing else
                                 "the batcher is not started")
@@ -153,7 +193,7 @@ class MicroBatcher:
             raise QueueFull(self._queued_items, n, self.max_queue, self.retry_after)
         assert self._loop is not None and self._wakeup is not None
         future = self._loop.create_future()
-        self._queue.append(_Request(items, rows, future, time.perf_counter()))
+        self._queue.append(_Request(items, rows, future, time.perf_counter(), kind, topk))
         self._queued_items += n
         self._wakeup.set()
         if self._filled is not None and self._queued_items >= self._fill_target and not self._filled.done():
@@ -161,7 +201,7 @@ class MicroBatcher:
         return await future
 
     async def run_on_device(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the device thread, in turn with the batches (used by /retrieve)."""
+        """Run ``fn(*args)`` on the device thread, in turn with the batches (start-up work: warm-up, threads)."""
         if self._closing:
             raise BatcherClosed("the reward service is shutting down")
         loop = asyncio.get_running_loop()
@@ -203,19 +243,27 @@ class MicroBatcher:
     def _take(self) -> list[_Request]:
         batch = [self._queue.popleft()]
         size = len(batch[0].items)
-        while self._queue and size + len(self._queue[0].items) <= self.max_batch_size:
+        kind = batch[0].kind
+        while self._queue and self._queue[0].kind == kind and size + len(self._queue[0].items) <= self.max_batch_size:
             request = self._queue.popleft()
             batch.append(request)
             size += len(request.items)
         self._queued_items -= size
         return batch
 
+    def _search(self, batch: Sequence[_Request], items: Sequence[SearchQuery]) -> list[Any]:
+        """Device thread: one search for the batch, at the largest topk asked (each request keeps its own)."""
+        return search_batch(self.scorer, items, max(r.topk for r in batch), batch[0].kind[1])
+
     async def _run(self, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        waits = [start - r.enqueued for r in batch]
         items = [item for r in batch for item in r.items]
         self.batches += 1
+        if batch[0].kind[0] == "search":
+            await self._run_search(batch, items)
+            return
+        start = time.perf_counter()
+        waits = [start - r.enqueued for r in batch]
         try:
             scored = await loop.run_in_executor(self._executor, self.scorer.score_batch, items, _joined_rows(batch))
         except Exception as exc:
@@ -251,6 +299,28 @@ class MicroBatcher:
                 self.metrics.observe_batch(len(batch), samples, waits, timings, inflation_summary(samples))
             except Exception:  # metrics must never fail a request
                 logger.exception("recording batch metrics failed")
+
+    async def _run_search(self, batch: list[_Request], items: list[Any]) -> None:
+        """A batch of search requests; if it fails, each request is searched alone (faults stay isolated)."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._search, batch, items)
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch[0].future, exc=exc)
+            for request in batch if len(batch) > 1 else []:
+                try:
+                    alone = await loop.run_in_executor(self._executor, self._search, [request], request.items)
+                except Exception as exc_alone:
+                    _settle(request.future, exc=exc_alone)
+                else:
+                    _settle(request.future, result=alone)
+        else:
+            pos = 0
+            for request in batch:
+                _settle(request.future, result=results[pos:pos + len(request.items)])
+                pos += len(request.items)
+        self._finished(len(items))
 
     def _finished(self, num_items: int) -> None:
         self._last_batch_end = time.perf_counter()

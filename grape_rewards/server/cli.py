@@ -61,6 +61,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     config = load_config(args.config, flags)
     config.check_bind()  # before anything is loaded: fail fast
     _configure_logging(config.log_level)
+    if flags.get("token"):
+        logger.warning("--token is visible to every local user in the process list (ps, /proc); set the "
+                       "environment variable GRAPE_TOKEN instead")
     return config
 
 
@@ -94,8 +97,7 @@ def make_server(app: Any, config: Any) -> Any:
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
         lifespan="on", proxy_headers=False, timeout_graceful_shutdown=max(1, math.ceil(config.drain_timeout_s)),
-        timeout_keep_alive=30,
-        server_header=False)
+        timeout_keep_alive=30, server_header=False, **config.uvicorn_limits())
     return DrainingServer(uv_config)
 
 

@@ -75,6 +75,8 @@ class ServeConfig(BaseModel):
     """Most samples queued; beyond it requests are answered 503 with Retry-After."""
     cache_size: int = Field(default=65536, ge=0)
     """Query embeddings kept in the LRU cache (and as many original-query ranks)."""
+    cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    """Most bytes each of those caches holds (texts of its keys and embeddings), whatever the entry count."""
     retry_after_s: int = Field(default=1, ge=0)
     """The Retry-After of a 503 (queue full, not ready, draining)."""
 
@@ -84,7 +86,8 @@ class ServeConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port (0: any free port)."""
     token: str | None = Field(default=None, repr=False)
-    """Bearer token required on every endpoint except /health and /ready (prefer the env variable GRAPE_TOKEN)."""
+    """Bearer token required on every endpoint except /health, /ready and the API contract (/openapi.json, /docs).
+    Set it with the env variable GRAPE_TOKEN: a --token flag is visible to every local user in the process list."""
     insecure: bool = False
     """Allow binding a non-loopback address without a token."""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
@@ -94,8 +97,13 @@ class ServeConfig(BaseModel):
     max_topk: int = Field(default=1000, ge=1)
     """Largest ``topk`` of /retrieve."""
     max_text_chars: int = Field(default=20000, ge=100)
-    """Rewrites longer than this many characters are cut before tokenizing (they are far past any retriever's
-    context length, so the embedding is unchanged; the sample is still flagged overlong and truncated)."""
+    """Every text that reaches the encoder (rewrites, original queries, /retrieve queries) is cut to this many
+    characters before tokenizing (far past any retriever's context length, so the embedding is unchanged; a cut
+    rewrite is still flagged overlong and truncated)."""
+    body_timeout_s: float = Field(default=30.0, gt=0.0)
+    """Longest wait for the next part of a request body; a client that announces more than it sends gets 408."""
+    max_header_bytes: int = Field(default=65536, ge=4096)
+    """Largest request head (request line and headers); uvicorn closes a connection that sends more."""
     drain_timeout_s: float = Field(default=60.0, ge=0.0)
     """On SIGTERM, how long accepted requests may take to be answered before the process exits anyway."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -144,6 +152,15 @@ class ServeConfig(BaseModel):
             f"refusing to bind {self.host} (reachable from other machines) without a token: set GRAPE_TOKEN "
             "(or --token) so clients must send 'Authorization: Bearer <token>', bind 127.0.0.1, or pass "
             "--insecure if the network is trusted")
+
+    def uvicorn_limits(self) -> dict[str, Any]:
+        """uvicorn settings that bound what a client can make the server hold: the h11 parser, which caps the
+        request head at ``max_header_bytes`` (httptools has no such cap).
+
+        >>> ServeConfig(index="i").uvicorn_limits()
+        {'http': 'h11', 'h11_max_incomplete_event_size': 65536}
+        """
+        return {"http": "h11", "h11_max_incomplete_event_size": self.max_header_bytes}
 
     def public_dict(self) -> dict[str, Any]:
         """The settings without the token, for /info and logs."""

@@ -36,7 +36,7 @@ from typing import Any
 from ..framework_io import finite, openrlhf_item
 from ..jsonl import json_kind
 from ..labels import LabelError, parse_label
-from ..scorer import ItemError, RewardItem, read_item
+from ..scorer import ItemError, RewardItem, check_text, read_item
 
 try:  # orjson is several times faster on the hot path; json is the fallback
     import orjson
@@ -58,9 +58,14 @@ except ImportError:  # pragma: no cover - orjson is optional
     JSONDecodeError = (json.JSONDecodeError, UnicodeDecodeError)
 
 class RequestError(ValueError):
-    """A request the service cannot score; ``status`` is the HTTP status (400, 413 or 422)."""
+    """A request the service cannot score; ``status`` is the HTTP status (400, 408, 413 or 422).
+
+    The message is made printable as UTF-8 (a lone surrogate echoed from the request is escaped), so it can
+    always be sent back.
+    """
 
     def __init__(self, status: int, message: str) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message
@@ -82,6 +87,8 @@ def parse_body(body: bytes) -> Any:
         return loads(body)
     except JSONDecodeError as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError(400, "request body is not valid JSON: it nests deeper than the parser allows") from None
 
 
 def _object(data: Any, fields: str) -> dict[str, Any]:
@@ -163,8 +170,10 @@ def parse_native(data: Any, max_items: int) -> list[RewardItem]:
 
 
 # -- retrieve --------------------------------------------------------------------------------------------
-def parse_retrieve(data: Any, max_items: int, max_topk: int) -> tuple[list[str], int, bool, list[str] | None]:
-    """(queries, topk, return_scores, reference_ids) of a Search-R1 style ``/retrieve`` request.
+def parse_retrieve(data: Any, max_items: int, max_topk: int,
+                   max_chars: int = 20000) -> tuple[list[str], int, bool, list[str] | None]:
+    """(queries, topk, return_scores, reference_ids) of a Search-R1 style ``/retrieve`` request; each query is
+    checked and cut to ``max_chars`` (:func:`~grape_rewards.scorer.check_text`).
 
     >>> parse_retrieve({"queries": ["a dog"], "topk": 2, "return_scores": True}, 10, 100)
     (['a dog'], 2, True, None)
@@ -179,6 +188,10 @@ def parse_retrieve(data: Any, max_items: int, max_topk: int) -> tuple[list[str],
     for i, q in enumerate(queries):
         if not isinstance(q, str):
             raise RequestError(422, f"queries[{i}] must be a string, got {json_kind(q)}")
+    try:
+        queries = [check_text(q, f"queries[{i}]", max_chars) for i, q in enumerate(queries)]
+    except ItemError as exc:
+        raise RequestError(422, str(exc)) from None
     topk = data.get("topk", 3)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise RequestError(422, f"'topk' must be a positive integer, got {topk!r}")

@@ -64,8 +64,10 @@ class ServerThread:
         self.host = host
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
+        service = getattr(getattr(app, "state", None), "service", None)
+        limits = service.config.uvicorn_limits() if service is not None else {}
         config = uvicorn.Config(app, host=host, port=self.port, log_level=log_level, access_log=False,
-                                proxy_headers=False, lifespan="on", timeout_graceful_shutdown=30)
+                                proxy_headers=False, lifespan="on", timeout_graceful_shutdown=30, **limits)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
