@@ -244,22 +244,26 @@ class RewardScorer:
         return cls(retriever, index, config, **(scorer_options or {}))
 
     # -- validation -----------------------------------------------------------------------------------
-    def validate(self, items: Sequence[RewardItem], where: str = "items[{}]") -> ItemRows:
+    def validate(self, items: Sequence[RewardItem], where: str = "items[{}]",
+                 completion_where: str | None = None) -> ItemRows:
         """Check that every item can be scored; return their corpus rows (for :meth:`score_batch`).
 
         Raises :class:`ItemError` for the first item naming an id the index lacks, lacking the reference image a
         composed retriever fuses, or (relative mode) lacking its original query. ``where`` formats an item's
-        position into its name, e.g. ``"labels[{}]"``.
+        position into its name, e.g. ``"labels[{}]"``; ``completion_where`` names the completion when it came from
+        elsewhere (OpenRLHF's ``"query[{}]"``).
         """
         targets: list[list[int]] = []
         excluded: list[list[int]] = []
         for i, item in enumerate(items):
-            t, e = self.validate_item(item, where.format(i))
+            t, e = self.validate_item(item, where.format(i),
+                                      completion_where.format(i) if completion_where is not None else None)
             targets.append(t)
             excluded.append(e)
         return targets, excluded
 
-    def validate_item(self, item: RewardItem, where: str) -> tuple[list[int], list[int]]:
+    def validate_item(self, item: RewardItem, where: str,
+                      completion_where: str | None = None) -> tuple[list[int], list[int]]:
         """:meth:`validate` of one item named ``where`` (e.g. ``"rewrites.jsonl:7: row"``): its rows."""
         try:
             (t,), (e,) = self.resolve_rows([item])
@@ -270,7 +274,8 @@ class RewardScorer:
         for name in ("completion", "rewrite", "original_query"):
             text = getattr(item, name)
             if text is not None:
-                check_text(text, f"{where}.{name}", len(text))
+                named = completion_where if name == "completion" and completion_where else f"{where}.{name}"
+                check_text(text, named, len(text))
         if self.config.relative and not (item.original_query or "").strip():
             raise ItemError(f"{where}: the relative reward mode needs original_query (in the label) for every "
                             "sample")

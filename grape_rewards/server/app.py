@@ -140,7 +140,7 @@ class ServiceState:
         scorer = self.require_ready()
         config = self.config
         items = parse_openrlhf(parse_body(body), config.max_items_per_request)
-        samples = await self.score(items, validated(scorer, items, "labels[{}]"))
+        samples = await self.score(items, validated(scorer, items, "labels[{}]", "query[{}]"))
         return dumps(openrlhf_answer(samples, scorer.config))
 
     async def rewards(self, body: bytes) -> bytes:
@@ -189,10 +189,11 @@ class ServiceState:
             raise HTTPProblem(422, str(message)) from None
 
 
-def validated(scorer: RewardScorer, items: list[RewardItem], where: str) -> ItemRows:
+def validated(scorer: RewardScorer, items: list[RewardItem], where: str,
+              completion_where: str | None = None) -> ItemRows:
     """:meth:`RewardScorer.validate`, its refusal answered 422."""
     try:
-        return scorer.validate(items, where)
+        return scorer.validate(items, where, completion_where)
     except ItemError as exc:
         raise RequestError(422, str(exc)) from None
 
