@@ -173,6 +173,23 @@ def test_settings_precedence(clean_env: pytest.MonkeyPatch) -> None:
         _common.resolve_settings({"retries": "many"})
 
 
+def test_adapter_clients_wait_out_a_restart_by_default(clean_env: pytest.MonkeyPatch) -> None:
+    """Without a ``retries`` setting, the adapters' clients back off at least 20 s in all before giving up (a
+    restarted service loads its model and index first: 9-13 s measured on a 100-item CPU index)."""
+    from grape_rewards.client import backoff_caps
+
+    settings = _common.resolve_settings({"url": "http://127.0.0.1:9"})
+
+    async def the_async_client() -> Any:
+        return _common.async_client(settings)
+
+    import asyncio
+
+    for client in (_common.sync_client(settings), asyncio.run(the_async_client())):
+        policy = client._policy
+        assert sum(backoff_caps(policy.retries, policy.backoff, policy.max_backoff)) / 2 >= 20.0
+
+
 def test_item_fields_from_every_label_form() -> None:
     full = '{"target_ids": ["c1"], "reference_id": "r", "query_id": "q", "original_query": "x", "excluded_ids": []}'
     assert _common.item_fields(full, "a") == {"completion": "a", "target_ids": ["c1"], "reference_id": "r",

@@ -54,8 +54,9 @@ class AdapterSettings:
     """Bearer token of the service (the server's ``GRAPE_TOKEN``)."""
     timeout: float = 60.0
     """Seconds per HTTP attempt."""
-    retries: int = 5
-    """Extra attempts after the first on connection errors, timeouts, 429 and 5xx (exponential backoff)."""
+    retries: int | None = None
+    """Extra attempts after the first on connection errors, timeouts, 429 and 5xx (exponential backoff); None: the
+    client's default (:data:`grape_rewards.client.DEFAULT_RETRIES`, 22.75-45.5 s of waiting: outlasts a restart)."""
     index: str | None = None
     """In-process mode: the index folder."""
     retriever: str | None = None
@@ -191,9 +192,9 @@ def service_error(exc: Exception, settings: AdapterSettings) -> RuntimeError:
         message = (f"grape-rewards: the reward service refused the sample: {exc}. The request is malformed or names "
                    "ids the service's index lacks: check the training data's labels against the index.")
     else:
-        message = (f"grape-rewards: no reward from the service at {settings.url} after {settings.retries + 1} "
-                   f"attempts: {exc}. Is `grape-rewards serve` running and ready (GET /ready)? The URL comes from "
-                   "GRAPE_REWARD_URL or the adapter's `url` option.")
+        message = (f"grape-rewards: no reward from the service at {settings.url}: {exc}. Is `grape-rewards serve` "
+                   "running and ready (GET /ready)? The URL comes from GRAPE_REWARD_URL or the adapter's `url` option; "
+                   "a longer outage needs more `retries` (GRAPE_REWARD_RETRIES).")
     logger.error(message)
     return RuntimeError(message)
 
