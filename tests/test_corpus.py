@@ -228,3 +228,20 @@ def test_index_search_returns_ids(tmp_path, minilm):
     index = build_index(text_source(tmp_path), minilm, tmp_path / "idx", progress=False)
     scores, ids = index.search(minilm.encode_texts([CAPTIONS[5]]), k=3)
     assert ids[0][0] == "t5" and scores.shape == (1, 3)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, tiny_open_clip, images, umask):
+    """Index files and prepared training data get 0666 minus the umask (not a temporary file's 0600), so another
+    user (a Ray worker under another uid) can read a shared index."""
+    from grape_rewards.prepare.write import write_jsonl
+
+    old = os.umask(umask)
+    try:
+        build_index(read_source(images[0].parent), tiny_open_clip, tmp_path / "idx", progress=False)
+        write_jsonl([{"prompt": "p", "label": "{}"}], tmp_path / "data" / "train.jsonl")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 4
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
