@@ -21,6 +21,7 @@ batch raises, each of its requests is rescored alone, so one bad request cannot 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import deque
@@ -93,6 +94,9 @@ class MicroBatcher:
         self._fill_target = 0
         self._filled: asyncio.Future | None = None
         self._closing = False
+        self._running: list[_Request] = []
+        """The requests of the batch on the device now (failed with the queue if the drain times out)."""
+        self._device_job: concurrent.futures.Future | None = None
         self.batches = 0
         if metrics is not None:
             metrics.queue_items.set_function(lambda: self._queued_items)
@@ -114,8 +118,15 @@ class MicroBatcher:
     def queued_items(self) -> int:
         return self._queued_items
 
+    @property
+    def device_busy(self) -> bool:
+        """Whether the device thread is still running a job (one abandoned by a timed-out drain, say)."""
+        return self._device_job is not None and not self._device_job.done()
+
     async def close(self, timeout: float | None = None) -> None:
-        """Stop taking work, answer everything already queued, then stop the worker thread."""
+        """Stop taking work and answer everything already queued; after ``timeout`` seconds, fail what is left
+        (queued, and the batch on the device) with :class:`BatcherClosed` and leave the device job behind.
+        Calling it again (the app's shutdown after a SIGTERM drain) returns once the first call is done."""
         self._closing = True
         if self._wakeup is not None:
             self._wakeup.set()
@@ -123,11 +134,14 @@ class MicroBatcher:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except asyncio.TimeoutError:
-                logger.warning("drain timed out after %s s with %d samples queued; failing them", timeout,
-                               self._queued_items)
+                left = self._queued_items + sum(len(r.items) for r in self._running)
+                logger.warning("drain timed out after %s s with %d samples not scored; answering them 503", timeout,
+                               left)
                 self._task.cancel()
-                self._fail_all(BatcherClosed("the service stopped before this request was scored"))
-        self._executor.shutdown(wait=True)
+                self._fail_all(BatcherClosed("the service stopped (drain_timeout_s) before this request was scored"))
+        if self.device_busy:
+            logger.warning("abandoning the device job still running after the drain (its requests were answered 503)")
+        self._executor.shutdown(wait=not self.device_busy, cancel_futures=True)
 
     # -- submitting -----------------------------------------------------------------------------------
     async def submit(self, items: Sequence[RewardItem]) -> list[dict[str, float]]:
@@ -157,8 +171,11 @@ class MicroBatcher:
         """Run ``fn(*args)`` on the device thread, in turn with the batches (used by /retrieve)."""
         if self._closing:
             raise BatcherClosed("the reward service is shutting down")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._on_device(fn, *args)
+
+    async def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        self._device_job = self._executor.submit(fn, *args)
+        return await asyncio.wrap_future(self._device_job)
 
     # -- the dispatcher -------------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -204,13 +221,13 @@ class MicroBatcher:
         return batch
 
     async def _run(self, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
         waits = [start - r.enqueued for r in batch]
         items = [item for r in batch for item in r.items]
         self.batches += 1
+        self._running = batch
         try:
-            scored = await loop.run_in_executor(self._executor, self.scorer.score_batch, items)
+            scored = await self._on_device(self.scorer.score_batch, items)
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)
@@ -222,7 +239,7 @@ class MicroBatcher:
                 self.metrics.batch_failures.inc()
             for request in batch:
                 try:
-                    alone = await loop.run_in_executor(self._executor, self.scorer.score_batch, request.items)
+                    alone = await self._on_device(self.scorer.score_batch, request.items)
                 except Exception as exc_alone:
                     _settle(request.future, exc=exc_alone)
                 else:
@@ -245,10 +262,14 @@ class MicroBatcher:
                 logger.exception("recording batch metrics failed")
 
     def _finished(self, num_items: int) -> None:
+        self._running = []
         self._last_batch_end = time.perf_counter()
         self._expected_items = num_items + self._queued_items
 
     def _fail_all(self, exc: BaseException) -> None:
+        for request in self._running:
+            _settle(request.future, exc=exc)
+        self._running = []
         while self._queue:
             _settle(self._queue.popleft().future, exc=exc)
         self._queued_items = 0
