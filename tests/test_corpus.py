@@ -301,3 +301,20 @@ def test_a_damaged_index_with_matching_checksums_is_refused_in_one_line(tmp_path
     with pytest.raises(IndexError_, match=message) as info:
         CorpusIndex.load(folder)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_follow_the_umask(tmp_path, tiny_open_clip, images, umask):
+    """Index files and prepared training data get 0666 minus the umask (not a temporary file's 0600), so another
+    user (a Ray worker under another uid) can read a shared index."""
+    from grape_rewards.prepare.write import write_jsonl
+
+    old = os.umask(umask)
+    try:
+        build_index(read_source(images[0].parent), tiny_open_clip, tmp_path / "idx", progress=False)
+        write_jsonl([{"prompt": "p", "label": "{}"}], tmp_path / "data" / "train.jsonl")
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 4
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}

@@ -628,6 +628,24 @@ def test_slow_bodies_and_huge_heads_are_cut_off(scorer: RewardScorer, index_dir:
             assert http.get("/health", headers={"X-Pad": "a" * 4000}).status_code == 200  # under the cap: fine
 
 
+def test_serve_on_a_taken_port_fails_before_loading(index_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import grape_rewards.server.app as app_module
+
+    def must_not_load(config: ServeConfig) -> None:
+        raise AssertionError("the model and index were loaded before the port was checked")
+
+    monkeypatch.setattr(app_module, "load_scorer", must_not_load)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code = cli_main(["serve", "--index", str(index_dir), "--port", str(port), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and "another process holds the port" in err
+
+
 def test_config_precedence(tmp_path: Path) -> None:
     (tmp_path / "reward.yaml").write_text("shape: linear\n")
     config_file = tmp_path / "serve.yaml"
@@ -789,6 +807,80 @@ def test_sigterm_drains_accepted_requests(index_dir: Path, tmp_path: Path) -> No
         assert proc.returncode in (0, -signal.SIGTERM)
         text = Path(log.name).read_text()
         assert "draining: /ready is now false" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+SLOW_SERVE = """
+import sys, time
+from grape_rewards.cli import main
+from grape_rewards.scorer import RewardScorer
+
+score_batch = RewardScorer.score_batch
+
+
+def stuck_on_slow(self, items):
+    if any("SLOW" in (item.rewrite or "") for item in items):
+        time.sleep(3600)  # a device job far longer than drain_timeout_s
+    return score_batch(self, items)
+
+
+RewardScorer.score_batch = stuck_on_slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _serve_subprocess(script: Path, index_dir: Path, port: int, log: Any, *flags: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(script), "serve", "--index", str(index_dir), "--port", str(port),
+                             "--device", "cpu", *flags], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "GRAPE_LOG_LEVEL": "info", "PYTHONPATH": str(Path(__file__).parents[1])})
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            assert proc.poll() is None, Path(log.name).read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server not ready in 300 s"
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.mark.slow
+def test_sigterm_past_drain_timeout_answers_503_and_exits(index_dir: Path, tmp_path: Path) -> None:
+    """A request still scoring when drain_timeout_s runs out is answered 503 (JSON, Retry-After: the client retries
+    it elsewhere), and the process exits then, not when the device job ends (here: never)."""
+    script = tmp_path / "slow_serve.py"
+    script.write_text(SLOW_SERVE)
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    proc = _serve_subprocess(script, index_dir, port, log, "--drain-timeout-s", "1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        result: dict[str, httpx.Response] = {}
+        worker = threading.Thread(target=lambda: result.update(r=httpx.post(
+            url + "/v1/rewards", json={"items": [{"rewrite": "SLOW dog", "target_ids": ["cap000"]}]}, timeout=120)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while _metric(httpx.get(url + "/metrics").text, "grape_requests_in_progress") < 2:  # the slow one + scrape
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        worker.join(120)
+        r = result["r"]
+        assert r.status_code == 503, (r.status_code, r.text)
+        assert r.headers["content-type"] == "application/json" and "retry-after" in r.headers
+        assert "shutting down" in r.json()["detail"] or "stopped" in r.json()["detail"]
+        proc.wait(60)  # before: the process waited for the device job (an hour here)
+        assert "abandoning" in Path(log.name).read_text()
     finally:
         if proc.poll() is None:
             proc.kill()

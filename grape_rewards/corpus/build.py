@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..retrievers.base import Retriever, load_image
-from .files import atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
+from .files import atomic_write, atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from .index import EMBEDDINGS, IDS, INDEX_FORMAT, INDEX_VERSION, MANIFEST, CorpusIndex, read_manifest
 from .source import CorpusSource, CorpusSourceError
 
@@ -166,7 +166,7 @@ def build_index(
     if final.exists():
         shutil.rmtree(final)
     final.mkdir()
-    save_file({"embeddings": embeddings.contiguous()}, str(final / EMBEDDINGS))
+    atomic_write(final / EMBEDDINGS, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp)))
     atomic_write_bytes(final / IDS, json.dumps(source.ids, ensure_ascii=False).encode("utf-8"))
     manifest = {
         "format": INDEX_FORMAT,

@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..corpus.files import atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
+from ..corpus.files import atomic_write, atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from ..corpus.index import (
     EMBEDDINGS,
     IDS,
@@ -149,7 +149,8 @@ def _write_shards(src: Path, out: Path, manifest: dict[str, Any], embeddings: An
     for i, ((start, end), name) in enumerate(zip(bounds, names)):
         folder = staging / name
         folder.mkdir()
-        save_file({"embeddings": embeddings[start:end].contiguous()}, str(folder / EMBEDDINGS))
+        part = embeddings[start:end].contiguous()
+        atomic_write(folder / EMBEDDINGS, lambda tmp, part=part: save_file({"embeddings": part}, str(tmp)))
         atomic_write_bytes(folder / IDS, json.dumps(ids[start:end], ensure_ascii=False).encode("utf-8"))
         atomic_write_json(folder / MANIFEST, {
             **manifest,

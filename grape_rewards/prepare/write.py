@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..corpus.files import atomic_write
 from .rows import TrainingQuery, openrlhf_row, trl_row, verl_row
 
 FORMATS: tuple[str, ...] = ("openrlhf", "verl", "trl")
 """Output formats, each written to ``<out>/<format>/<split>.<ext>``."""
 EXTENSIONS: dict[str, str] = {"openrlhf": "jsonl", "verl": "parquet", "trl": "jsonl"}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename it over ``path`` (no half-written file is ever left at ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
@@ -39,7 +25,7 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
     return len(rows)
 
 
@@ -54,7 +40,7 @@ def write_parquet(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
     if not rows:
         raise ValueError("no rows to write")
     table = pa.Table.from_pylist(rows)
-    _atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
     return len(rows)
 
 

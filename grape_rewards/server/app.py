@@ -88,6 +88,8 @@ class ServiceState:
         self.ready = False
         self.not_ready_reason = "starting: the index is not loaded yet"
         self.started_at = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -96,6 +98,7 @@ class ServiceState:
             self.not_ready_reason = "starting: loading the retriever and the index"
             self.scorer = await asyncio.to_thread(load_scorer, self.config)
         scorer = self.scorer
+        self._loop = asyncio.get_running_loop()
         self.batcher = MicroBatcher(scorer, max_batch_size=self.config.max_batch_size,
                                     max_wait_ms=self.config.max_wait_ms, max_queue=self.config.max_queue,
                                     metrics=self.metrics, retry_after=self.config.retry_after_s)
@@ -121,9 +124,19 @@ class ServiceState:
         self.not_ready_reason = "draining: the service is shutting down"
         self.metrics.ready.set(0)
 
+    def drain_on_signal(self) -> None:
+        """SIGTERM's first step (called from the signal handler, on the event loop's thread): report not ready
+        and start closing the batcher at once, so that what is still unscored after ``drain_timeout_s`` is
+        answered 503 with Retry-After (retried elsewhere by the clients) before the server stops."""
+        self.begin_drain()
+        if self.batcher is not None and self._loop is not None and self._draining is None:
+            self._draining = self._loop.create_task(self.batcher.close(timeout=self.config.drain_timeout_s))
+
     async def shutdown(self) -> None:
         self.begin_drain()
-        if self.batcher is not None:
+        if self._draining is not None:
+            await self._draining
+        elif self.batcher is not None:
             await self.batcher.close(timeout=self.config.drain_timeout_s)
         logger.info("stopped")
 

@@ -25,6 +25,7 @@ one search for all their queries), so search can neither starve scoring nor bypa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections import deque
@@ -131,6 +132,9 @@ class MicroBatcher:
         self._fill_target = 0
         self._filled: asyncio.Future | None = None
         self._closing = False
+        self._running: list[_Request] = []
+        """The requests of the batch on the device now (failed with the queue if the drain times out)."""
+        self._device_job: concurrent.futures.Future | None = None
         self.batches = 0
         if metrics is not None:
             metrics.queue_items.set_function(lambda: self._queued_items)
@@ -148,8 +152,15 @@ class MicroBatcher:
     def running(self) -> bool:
         return self._task is not None and not self._task.done() and not self._closing
 
+    @property
+    def device_busy(self) -> bool:
+        """Whether the device thread is still running a job (one abandoned by a timed-out drain, say)."""
+        return self._device_job is not None and not self._device_job.done()
+
     async def close(self, timeout: float | None = None) -> None:
-        """Stop taking work, answer everything already queued, then stop the worker thread."""
+        """Stop taking work and answer everything already queued; after ``timeout`` seconds, fail what is left
+        (queued, and the batch on the device) with :class:`BatcherClosed` and leave the device job behind.
+        Calling it again (the app's shutdown after a SIGTERM drain) returns once the first call is done."""
         self._closing = True
         if self._wakeup is not None:
             self._wakeup.set()
@@ -157,11 +168,14 @@ class MicroBatcher:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except asyncio.TimeoutError:
-                logger.warning("drain timed out after %s s with %d samples queued; failing them", timeout,
-                               self._queued_items)
+                left = self._queued_items + sum(len(r.items) for r in self._running)
+                logger.warning("drain timed out after %s s with %d samples not scored; answering them 503", timeout,
+                               left)
                 self._task.cancel()
-                self._fail_all(BatcherClosed("the service stopped before this request was scored"))
-        self._executor.shutdown(wait=True)
+                self._fail_all(BatcherClosed("the service stopped (drain_timeout_s) before this request was scored"))
+        if self.device_busy:
+            logger.warning("abandoning the device job still running after the drain (its requests were answered 503)")
+        self._executor.shutdown(wait=not self.device_busy, cancel_futures=True)
 
     # -- submitting -----------------------------------------------------------------------------------
     async def submit(self, items: Sequence[RewardItem], rows: ItemRows | None = None) -> list[dict[str, float]]:
@@ -204,8 +218,11 @@ class MicroBatcher:
         """Run ``fn(*args)`` on the device thread, in turn with the batches (start-up work: warm-up, threads)."""
         if self._closing:
             raise BatcherClosed("the reward service is shutting down")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        return await self._on_device(fn, *args)
+
+    async def _on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        self._device_job = self._executor.submit(fn, *args)
+        return await asyncio.wrap_future(self._device_job)
 
     # -- the dispatcher -------------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -256,16 +273,16 @@ class MicroBatcher:
         return search_batch(self.scorer, items, max(r.topk for r in batch), batch[0].kind[1])
 
     async def _run(self, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
         items = [item for r in batch for item in r.items]
         self.batches += 1
+        self._running = batch
         if batch[0].kind[0] == "search":
             await self._run_search(batch, items)
             return
         start = time.perf_counter()
         waits = [start - r.enqueued for r in batch]
         try:
-            scored = await loop.run_in_executor(self._executor, self.scorer.score_batch, items, _joined_rows(batch))
+            scored = await self._on_device(self.scorer.score_batch, items, _joined_rows(batch))
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)
@@ -277,8 +294,7 @@ class MicroBatcher:
                 self.metrics.batch_failures.inc()
             for request in batch:
                 try:
-                    alone = await loop.run_in_executor(self._executor, self.scorer.score_batch, request.items,
-                                                       request.rows)
+                    alone = await self._on_device(self.scorer.score_batch, request.items, request.rows)
                 except Exception as exc_alone:
                     _settle(request.future, exc=exc_alone)
                 else:
@@ -302,15 +318,14 @@ class MicroBatcher:
 
     async def _run_search(self, batch: list[_Request], items: list[Any]) -> None:
         """A batch of search requests; if it fails, each request is searched alone (faults stay isolated)."""
-        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._search, batch, items)
+            results = await self._on_device(self._search, batch, items)
         except Exception as exc:
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)
             for request in batch if len(batch) > 1 else []:
                 try:
-                    alone = await loop.run_in_executor(self._executor, self._search, [request], request.items)
+                    alone = await self._on_device(self._search, [request], request.items)
                 except Exception as exc_alone:
                     _settle(request.future, exc=exc_alone)
                 else:
@@ -323,10 +338,14 @@ class MicroBatcher:
         self._finished(len(items))
 
     def _finished(self, num_items: int) -> None:
+        self._running = []
         self._last_batch_end = time.perf_counter()
         self._expected_items = num_items + self._queued_items
 
     def _fail_all(self, exc: BaseException) -> None:
+        for request in self._running:
+            _settle(request.future, exc=exc)
+        self._running = []
         while self._queue:
             _settle(self._queue.popleft().future, exc=exc)
         self._queued_items = 0

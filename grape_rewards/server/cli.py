@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import socket
 import types
 import typing
 from typing import Any
@@ -71,11 +72,27 @@ def run(config: Any) -> int:
     """Load the scorer (the index checked), then serve until SIGTERM."""
     from .app import create_app, load_scorer
 
+    sock = bind_socket(config.host, config.port)  # before loading: a taken port fails in a second, not a minute
     logger.info("loading %s (index %s) on %s", config.retriever or "the index's retriever", config.index,
                 config.device)
     scorer = load_scorer(config)  # a fingerprint mismatch stops here, before anything is bound
     app = create_app(scorer, config)
-    return serve(app, config)
+    return serve(app, config, sock)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket of the service, bound now; a port another process holds is a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror} (another process holds the port?); "
+                           "stop it or pass another --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _configure_logging(level: str) -> None:
@@ -85,24 +102,30 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("grape_rewards").setLevel(level.upper())
 
 
+ANSWER_MARGIN_S = 5
+"""Seconds uvicorn waits for connections after ``drain_timeout_s``: time to send the 503s of what was not scored."""
+
+
 def make_server(app: Any, config: Any) -> Any:
-    """A ``uvicorn.Server`` whose SIGTERM/SIGINT handler first turns /ready false, then drains gracefully."""
+    """A ``uvicorn.Server`` whose SIGTERM/SIGINT handler first turns /ready false and starts the drain: requests
+    already accepted are answered, those still unscored after ``drain_timeout_s`` get 503 with Retry-After."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.service.begin_drain()
+            app.state.service.drain_on_signal()
             super().handle_exit(sig, frame)
 
     uv_config = uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, access_log=config.log_level == "debug",
-        lifespan="on", proxy_headers=False, timeout_graceful_shutdown=max(1, math.ceil(config.drain_timeout_s)),
-        timeout_keep_alive=30, server_header=False, **config.uvicorn_limits())
+        lifespan="on", proxy_headers=False,
+        timeout_graceful_shutdown=math.ceil(config.drain_timeout_s) + ANSWER_MARGIN_S, timeout_keep_alive=30,
+        server_header=False, **config.uvicorn_limits())
     return DrainingServer(uv_config)
 
 
-def serve(app: Any, config: Any) -> int:
-    """Run ``app`` until a signal; 0 after a clean drain, 1 if the server could not start (e.g. port in use)."""
+def serve(app: Any, config: Any, sock: socket.socket | None = None) -> int:
+    """Run ``app`` (on ``sock`` if given) until a signal; 0 after a clean drain, 1 if the server could not start."""
     server = make_server(app, config)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1
