@@ -105,7 +105,8 @@ class ServeConfig(BaseModel):
     max_header_bytes: int = Field(default=65536, ge=4096)
     """Largest request head (request line and headers); uvicorn closes a connection that sends more."""
     drain_timeout_s: float = Field(default=60.0, ge=0.0)
-    """On SIGTERM, how long accepted requests may take to be answered before the process exits anyway."""
+    """On SIGTERM, how long accepted requests may take to be scored; what is still unscored then is answered 503
+    with Retry-After (the clients retry it elsewhere) and the process exits without waiting for the device job."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Logging level of the service (access logs only at debug)."""
 
