@@ -822,10 +822,10 @@ from grape_rewards.scorer import RewardScorer
 score_batch = RewardScorer.score_batch
 
 
-def stuck_on_slow(self, items):
+def stuck_on_slow(self, items, rows=None):
     if any("SLOW" in (item.rewrite or "") for item in items):
         time.sleep(3600)  # a device job far longer than drain_timeout_s
-    return score_batch(self, items)
+    return score_batch(self, items, rows)
 
 
 RewardScorer.score_batch = stuck_on_slow
