@@ -99,7 +99,7 @@ def check_text(text: str, where: str, max_chars: int) -> str:
 
     >>> check_text("a dog", "queries[0]", 3)
     'a d'
-    >>> check_text("a\ud800", "queries[0]", 100)
+    >>> check_text("a\\ud800", "queries[0]", 100)
     Traceback (most recent call last):
     ...
     grape_rewards.scorer.ItemError: queries[0]: a lone UTF-16 surrogate (U+D800) at character 1 ...
