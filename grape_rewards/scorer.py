@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .alarms import ALARM_KEYS, AlarmMonitor
 from .corpus.index import CorpusIndex, IndexError_
 from .devices import to_device
 from .retrievers.base import Retriever, TextInfo
@@ -48,6 +49,19 @@ def normalize_text(text: str) -> str:
     'a dog'
     """
     return " ".join(text.split())  # str.split and re's \s agree on what whitespace is
+
+
+def group_key(item: RewardItem) -> str:
+    """The GRPO group of an item (the query it rewrites): its query_id, else its original query, else its targets.
+
+    >>> group_key(RewardItem(rewrite="a", target_ids=["c1", "c2"]))
+    'targets:c1,c2'
+    """
+    if item.query_id is not None:
+        return "id:" + item.query_id
+    if item.original_query:
+        return "query:" + normalize_text(item.original_query)
+    return "targets:" + ",".join(item.target_ids) + ("|" + item.reference_id if item.reference_id else "")
 
 
 class LRUCache:
@@ -118,7 +132,9 @@ class RewardScorer:
         self.encode_batch_size = encode_batch_size
         self.embedding_cache = LRUCache(cache_size)
         self.original_rank_cache = LRUCache(cache_size)
-        self.keys = sample_keys(self.config)
+        self.alarms = AlarmMonitor(self.config.alarms) if self.config.alarms.enabled else None
+        """Reward-hacking alarms over the samples this scorer scores (None when ``config.alarms.enabled`` is off)."""
+        self.keys = sample_keys(self.config) + (ALARM_KEYS if self.alarms is not None else ())
         self._lock = threading.Lock()
 
     # -- validation -----------------------------------------------------------------------------------
@@ -265,6 +281,13 @@ class RewardScorer:
                 self.config, ex, rank=int(ranks[j]), n=int(ns[j]), target_sim=float(target_sims[j]),
                 mean_sim=float(mean_sims[j]), best_nontarget_sim=float(best_sims[j]),
                 num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i]))
+        if self.alarms is not None:  # the alarms watch every batch; each sample carries their flags
+            self.alarms.observe([ex.text if ex.scorable else None for ex in extractions],
+                                [group_key(item) for item in items], samples,
+                                [ex.status == "overlong" for ex in extractions])
+            flags = self.alarms.flags()
+            for sample in samples:
+                sample.update(flags)
         t4 = time.perf_counter()
         timings = {"encode_s": (t2 - t1) + (t1 - t0), "rank_s": t3 - t2, "total_s": t4 - t0,
                    "cache_hits": float(self.embedding_cache.hits - hits0),
