@@ -11,6 +11,7 @@
     grape-rewards rewrite ...                generate rewrites of a benchmark's queries with an LLM
     grape-rewards eval ...                   Recall@K of original vs rewritten queries, score-inflation report
     grape-rewards inflation-report ...       the score-inflation report of scored JSONL files
+    grape-rewards series-report ...          reward, rank, similarities, alarms over a scored JSONL, as a PNG
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 from grape_rewards.alarms import ALARM_KEYS, ALARMS, FUNCTION_WORDS, AlarmMonitor, is_keyword_list
@@ -54,10 +55,15 @@ def faithful_variants(caption: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def scorer(minilm: TextEmbedder, tmp_path_factory: pytest.TempPathFactory) -> RewardScorer:
+def index_dir(minilm: TextEmbedder, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("alarm_index") / "captions"
     build_index(read_source(data_path("captions.jsonl")), minilm, out, progress=False)
-    return RewardScorer(minilm, CorpusIndex.load(out), RewardConfig(alarms=AlarmConfig(enabled=False)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scorer(minilm: TextEmbedder, index_dir: Path) -> RewardScorer:
+    return RewardScorer(minilm, CorpusIndex.load(index_dir), RewardConfig(alarms=AlarmConfig(enabled=False)))
 
 
 @pytest.fixture(scope="module")
@@ -186,12 +192,11 @@ def test_keyword_list_statistic() -> None:
         assert not is_keyword_list(sentence), sentence
 
 
-def test_scorer_carries_the_flags_and_warns_once(minilm: TextEmbedder, tmp_path: Path,
+def test_scorer_carries_the_flags_and_warns_once(minilm: TextEmbedder, index_dir: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """Through the scorer: every sample carries every flag; garbage completions turn format_failures on with one
     WARNING however many batches follow; healthy completions turn it off again."""
-    out = tmp_path / "captions"
-    build_index(read_source(data_path("captions.jsonl")), minilm, out, progress=False)
+    out = index_dir
     config = RewardConfig(format=FormatConfig(require_answer_tag=True), alarms=AlarmConfig(window=32))
     scorer = RewardScorer(minilm, CorpusIndex.load(out), config)
     assert scorer.keys[-len(ALARM_KEYS):] == ALARM_KEYS
@@ -215,3 +220,32 @@ def test_scorer_carries_the_flags_and_warns_once(minilm: TextEmbedder, tmp_path:
     off = RewardScorer(minilm, CorpusIndex.load(out), RewardConfig(alarms=AlarmConfig(enabled=False)))
     assert off.alarms is None and not set(ALARM_KEYS) & set(off.score(good[:1])[0])
     assert ALARMS == tuple(k.removeprefix("alarm_") for k in ALARM_KEYS)
+
+
+def test_service_and_adapters_expose_the_alarms(minilm: TextEmbedder, index_dir: Path) -> None:
+    """/metrics has grape_alarm{name} and its statistics, /info lists the active alarms, OpenRLHF's extra_logs and
+    TRL's logged metrics carry the flags."""
+    from grape_rewards.adapters.trl import make_reward_func
+    from grape_rewards.server import ServeConfig, create_app
+    from grape_rewards.server.testing import ServerThread
+
+    scorer = RewardScorer(minilm, CorpusIndex.load(index_dir),
+                          RewardConfig(format=FormatConfig(require_answer_tag=True), alarms=AlarmConfig(window=16)))
+    label = json.dumps({"target_ids": ["cap000"]})
+    with ServerThread(create_app(scorer, ServeConfig(index=str(index_dir)))) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        info = http.get("/info").json()
+        assert info["alarms"]["active"] == [] and set(info["alarms"]["alarms"]) == set(ALARMS)
+        answer = http.post("/get_reward", json={"query": ["no tags here"] * 16, "labels": [label] * 16}).json()
+        assert answer["extra_logs"]["alarm_format_failures"] == [1.0] * 16
+        assert answer["extra_logs"]["alarm_collapse"] == [0.0] * 16
+        metrics = http.get("/metrics").text
+        assert 'grape_alarm{name="format_failures"} 1.0' in metrics
+        assert 'grape_alarm{name="keyword_stuffing"} 0.0' in metrics
+        assert 'grape_alarm_stat{stat="format_failure_share"} 1.0' in metrics
+        assert http.get("/info").json()["alarms"]["active"] == ["format_failures"]
+    logged: dict[str, float] = {}
+    reward = make_reward_func(scorer=scorer)
+    reward(prompts=["p"], completions=["still no tags"], grape_label=[label],
+           log_metric=lambda key, value: logged.__setitem__(key, value))
+    assert logged["grape/alarm_format_failures"] == 1.0 and logged["grape/alarm_collapse"] == 0.0

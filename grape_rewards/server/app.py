@@ -439,7 +439,8 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
 
     @app.get("/info")
     async def info() -> Response:
-        """Retriever (with fingerprint), corpus, reward config, batching settings and version."""
+        """Retriever (with fingerprint), corpus, reward config, alarms (active ones first), batching settings,
+        version."""
         scorer = state.require_ready()
         manifest = scorer.index.manifest
         return json_response({
@@ -450,6 +451,7 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
                       "device": str(scorer.index.device)},
             "reward_config": scorer.config.model_dump(),
             "sample_keys": list(scorer.keys),
+            "alarms": scorer.alarms.snapshot() if scorer.alarms is not None else None,
             "server": config.public_dict(),
             "uptime_s": time.time() - state.started_at,
         })
