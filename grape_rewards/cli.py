@@ -59,6 +59,8 @@ def _add_reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, help="k of the recall@k shape")
     p.add_argument("--relative", action="store_true", help="reward the change against the original query's rank")
     p.add_argument("--preset", choices=["rank", "similarity"], help="rank (default) or the similarity baseline")
+    p.add_argument("--ensemble", choices=["mean", "min"],
+                   help="several indexes: the rank part is the mean (default) or the minimum of the retrievers'")
 
 
 def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
@@ -67,7 +69,7 @@ def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
     config = RewardConfig.from_yaml(args.reward_config) if args.reward_config else RewardConfig()
     if args.preset:
         config = RewardConfig.preset(args.preset, **config.model_dump(exclude={"weights"}))
-    updates = {k: v for k, v in {"shape": args.shape, "k": args.k}.items() if v is not None}
+    updates = {k: v for k, v in {"shape": args.shape, "k": args.k, "ensemble": args.ensemble}.items() if v is not None}
     if args.relative:
         updates["relative"] = True
     return RewardConfig.model_validate({**config.model_dump(), **updates})
@@ -123,14 +125,22 @@ def cmd_index_shard(args: argparse.Namespace) -> int:
 # -- score ---------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
     from .corpus import CorpusIndex, read_manifest
+    from .ensemble import EnsembleScorer
+    from .scorer import RewardScorer
     from .scoring_io import score_jsonl
 
-    spec = args.retriever or read_manifest(args.index)["retriever"]["spec"]
-    retriever = retriever_from_args(args, spec)
-    index = CorpusIndex.load(args.index, device=retriever.device, expected_fingerprint=retriever.fingerprint,
-                             expected_spec=retriever.spec)
-    summary = score_jsonl(args.input, args.output, retriever, index, reward_config_from_args(args),
-                          batch_size=args.batch_size, progress=not args.quiet)
+    if len(args.index) > 1 and args.retriever:
+        raise ValueError("--retriever: an ensemble of indexes uses each index's own retriever; drop --retriever")
+    retrievers, indexes = [], []
+    for path in args.index:
+        retriever = retriever_from_args(args, args.retriever or read_manifest(path)["retriever"]["spec"])
+        retrievers.append(retriever)
+        indexes.append(CorpusIndex.load(path, device=retriever.device, expected_fingerprint=retriever.fingerprint,
+                                        expected_spec=retriever.spec))
+    config = reward_config_from_args(args)
+    scorer = (EnsembleScorer(retrievers, indexes, config) if len(indexes) > 1
+              else RewardScorer(retrievers[0], indexes[0], config))
+    summary = score_jsonl(args.input, args.output, scorer, batch_size=args.batch_size, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -179,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=cmd_index_shard)
 
     p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
-    p.add_argument("--index", required=True, type=Path)
+    p.add_argument("--index", required=True, type=Path, action="append",
+                   help="the index folder; repeat it for an ensemble of their retrievers over the same ids")
     _add_retriever_args(p, required=False)
     p.add_argument("--input", required=True, type=Path,
                    help="JSONL rows: completion or rewrite, target_ids, [excluded_ids, reference_id, query_id, "

@@ -250,6 +250,20 @@ class RewardScorer:
         return self.score_batch(items).samples
 
     def _score_batch(self, items: Sequence[RewardItem]) -> ScoredBatch:
+        scored, extractions = self._rank_and_compose(items)
+        if self.alarms is not None:  # the alarms watch every batch; each sample carries their flags
+            t0 = time.perf_counter()
+            self.alarms.observe([ex.text if ex.scorable else None for ex in extractions],
+                                [group_key(item) for item in items], scored.samples,
+                                [ex.status == "overlong" for ex in extractions])
+            flags = self.alarms.flags()
+            for sample in scored.samples:
+                sample.update(flags)
+            scored.timings["total_s"] += time.perf_counter() - t0
+        return scored
+
+    def _rank_and_compose(self, items: Sequence[RewardItem]) -> tuple[ScoredBatch, list[Extraction]]:
+        """The scored batch (without alarm flags) and each item's extraction."""
         t0 = time.perf_counter()
         hits0, misses0 = self.embedding_cache.hits, self.embedding_cache.misses
         rows = targets, excluded = self.resolve_rows(items)  # ids looked up once: the scan takes rows
@@ -281,15 +295,8 @@ class RewardScorer:
                 self.config, ex, rank=int(ranks[j]), n=int(ns[j]), target_sim=float(target_sims[j]),
                 mean_sim=float(mean_sims[j]), best_nontarget_sim=float(best_sims[j]),
                 num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i]))
-        if self.alarms is not None:  # the alarms watch every batch; each sample carries their flags
-            self.alarms.observe([ex.text if ex.scorable else None for ex in extractions],
-                                [group_key(item) for item in items], samples,
-                                [ex.status == "overlong" for ex in extractions])
-            flags = self.alarms.flags()
-            for sample in samples:
-                sample.update(flags)
         t4 = time.perf_counter()
         timings = {"encode_s": (t2 - t1) + (t1 - t0), "rank_s": t3 - t2, "total_s": t4 - t0,
                    "cache_hits": float(self.embedding_cache.hits - hits0),
                    "cache_misses": float(self.embedding_cache.misses - misses0)}
-        return ScoredBatch(samples, timings)
+        return ScoredBatch(samples, timings), extractions

@@ -10,9 +10,6 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from .corpus.files import atomic_write_bytes
-from .corpus.index import CorpusIndex
-from .retrievers.base import Retriever
-from .rewards.config import RewardConfig
 from .rewards.inflation import inflation_summary
 from .scorer import RewardItem, RewardScorer
 
@@ -37,11 +34,11 @@ def read_items(path: str | Path) -> tuple[list[dict[str, Any]], list[RewardItem]
     return rows, items
 
 
-def score_jsonl(input_path: str | Path, output_path: str | Path, retriever: Retriever, index: CorpusIndex,
-                config: RewardConfig, batch_size: int = 256, progress: bool = True) -> dict[str, float]:
-    """Score every row, write rows + results to ``output_path`` atomically, return the batch summary."""
+def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardScorer, batch_size: int = 256,
+                progress: bool = True) -> dict[str, float]:
+    """Score every row with ``scorer`` (one retriever, or an ensemble), write rows + results to ``output_path``
+    atomically, return the batch summary."""
     rows, items = read_items(input_path)
-    scorer = RewardScorer(retriever, index, config)
     scorer.check_ids(items)
     results: list[dict[str, float]] = []
     for start in tqdm(range(0, len(items), batch_size), desc="score", unit="batch", disable=not progress):

@@ -90,6 +90,9 @@ class RewardConfig(BaseModel):
     """Reward shape(rank of rewrite) - shape(rank of the original query) instead of the shape itself."""
     weights: dict[str, float] = Field(default_factory=lambda: {"rank": 1.0, "similarity": 0.0, "format": 0.0})
     format: FormatConfig = Field(default_factory=FormatConfig)
+    ensemble: Literal["mean", "min"] = "mean"
+    """With several retrievers (one index each, same ids): the rank part is the mean or the minimum of their rank
+    parts (:func:`~grape_rewards.rewards.composite.ensemble_rank_part`)."""
     alarms: AlarmConfig = Field(default_factory=AlarmConfig)
     """Reward-hacking alarms over the scored samples; they never change a reward."""
 

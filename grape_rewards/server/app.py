@@ -27,9 +27,10 @@ from fastapi.responses import Response
 
 from .. import __version__
 from ..corpus.index import CorpusIndex, IndexError_, read_manifest
+from ..ensemble import EnsembleScorer
 from ..scorer import RewardItem, RewardScorer
 from .batcher import BatcherClosed, MicroBatcher, QueueFull
-from .config import ServeConfig
+from .config import ConfigError, ServeConfig
 from .metrics import CONTENT_TYPE, ENDPOINTS, ServiceMetrics
 from .protocol import (
     RequestError,
@@ -157,17 +158,27 @@ class ServiceState:
 
 
 def load_scorer(config: ServeConfig) -> RewardScorer:
-    """Build the retriever, load the index (refusing a fingerprint mismatch), and make the scorer."""
+    """Build the retriever, load the index (refusing a fingerprint mismatch), and make the scorer (an
+    :class:`~grape_rewards.ensemble.EnsembleScorer` when ``config`` names several indexes)."""
     from ..retrievers import create_retriever
 
     reward_config = config.load_reward_config()
-    spec = config.retriever or read_manifest(config.index).get("retriever", {}).get("spec")
-    if not spec:
-        raise IndexError_(f"index {config.index} does not name its retriever; pass --retriever")
-    retriever = create_retriever(spec, device=config.device, fusion=config.fusion, image_weight=config.image_weight)
-    index = CorpusIndex.load(config.index, device=retriever.device, expected_fingerprint=retriever.fingerprint,
-                             expected_spec=retriever.spec)
-    return RewardScorer(retriever, index, reward_config, cache_size=config.cache_size)
+    paths = config.index_paths
+    if len(paths) > 1 and config.retriever:
+        raise ConfigError("retriever: an ensemble of indexes uses each index's own retriever; drop --retriever")
+    retrievers, indexes = [], []
+    for path in paths:
+        spec = config.retriever or read_manifest(path).get("retriever", {}).get("spec")
+        if not spec:
+            raise IndexError_(f"index {path} does not name its retriever; pass --retriever")
+        retriever = create_retriever(spec, device=config.device, fusion=config.fusion,
+                                     image_weight=config.image_weight)
+        retrievers.append(retriever)
+        indexes.append(CorpusIndex.load(path, device=retriever.device, expected_fingerprint=retriever.fingerprint,
+                                        expected_spec=retriever.spec))
+    if len(paths) > 1:
+        return EnsembleScorer(retrievers, indexes, reward_config, cache_size=config.cache_size)
+    return RewardScorer(retrievers[0], indexes[0], reward_config, cache_size=config.cache_size)
 
 
 def warm_up(scorer: RewardScorer) -> None:
@@ -452,6 +463,7 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
             "reward_config": scorer.config.model_dump(),
             "sample_keys": list(scorer.keys),
             "alarms": scorer.alarms.snapshot() if scorer.alarms is not None else None,
+            "ensemble": scorer.describe() if isinstance(scorer, EnsembleScorer) else None,
             "server": config.public_dict(),
             "uptime_s": time.time() - state.started_at,
         })

@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind, choices = _flag_type(field.annotation)
+        repeatable = list in [typing.get_origin(a) for a in typing.get_args(field.annotation)]  # str | list[str]
         p.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text,
-                       metavar=None if choices else name.upper())
+                       metavar=None if choices else name.upper(), action="append" if repeatable else None)
     from ..distributed.ray_serve import add_ray_arguments  # imports neither Ray nor torch
 
     add_ray_arguments(p)
@@ -69,6 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _configure_logging(config.log_level)
     if getattr(args, "ray", False):
         from ..distributed.ray_serve import run_from_args
+
+        if len(config.index_paths) > 1:
+            raise ValueError("an ensemble of indexes is served without --ray (Ray Serve takes one index)")
 
         return run_from_args(config, args)
     from .app import create_app, load_scorer
