@@ -9,9 +9,11 @@ the same pre-formed batches of distinct rewrites (so the embedding cache never h
   encodes and two scans per item), alarms on: it should cost about 2x a single scorer, not more.
 
 Each point is the best of ``--rounds`` (the machine is shared); results go to ``benchmarks/results/alarms-cpu.md``
-and ``.json`` with the command.
+and ``.json`` with the command. ``--monitor-only`` measures just the alarm monitor's CPU time per sample
+(``time.process_time``, so other work on the machine barely moves it) on synthetic GRPO traffic, no model.
 
     nice -n 19 python benchmarks/bench_alarms.py --corpus-size 5000 --batch-size 64 --rounds 5
+    nice -n 19 python benchmarks/bench_alarms.py --monitor-only
 """
 
 from __future__ import annotations
@@ -47,6 +49,24 @@ def rate(scorer: RewardScorer, batches: list[list[Any]]) -> float:
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
 
 
+def monitor_cpu_per_sample(samples: int = 20_000, batch_size: int = 64) -> float:
+    """CPU seconds per sample of :meth:`AlarmMonitor.observe` on GRPO groups of 8 caption-like rewrites."""
+    import random
+
+    from grape_rewards.alarms import AlarmMonitor
+
+    rng = random.Random(0)
+    texts = [f"A brown dog number {i % 500} catches a red frisbee in the sunny park" for i in range(samples)]
+    groups = [f"q{i // 8}" for i in range(samples)]
+    stats = [{"target_sim": rng.random(), "mean_sim": rng.random(), "margin": rng.random() - 0.5,
+              "part_rank": rng.random(), "num_tokens": 14.0, "truncated": 0.0} for _ in range(samples)]
+    monitor = AlarmMonitor()
+    t0 = time.process_time()
+    for i in range(0, samples, batch_size):
+        monitor.observe(texts[i:i + batch_size], groups[i:i + batch_size], stats[i:i + batch_size])
+    return (time.process_time() - t0) / samples
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus-size", type=int, default=5000)
@@ -55,7 +75,16 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "grape-rewards-bench")
     p.add_argument("--out", type=Path, default=RESULTS / "alarms-cpu")
+    p.add_argument("--monitor-only", action="store_true", help="only the alarm monitor's CPU time per sample")
     args = p.parse_args()
+    if args.monitor_only:
+        per = [monitor_cpu_per_sample() for _ in range(args.rounds)]
+        results = {"command": command(), "machine": machine(), "loadavg_end": os.getloadavg(),
+                   "monitor_cpu_us_per_sample": [x * 1e6 for x in per]}
+        atomic_write_json(args.out.with_name(args.out.name + "-monitor").with_suffix(".json"), results)
+        print(f"alarm monitor: {min(per) * 1e6:.1f} us CPU per sample (best of {len(per)}; every round: "
+              f"{', '.join(f'{x * 1e6:.1f}' for x in per)})")
+        return 0
 
     retriever = create_retriever("text:all-MiniLM-L6-v2", device="cpu")
     index_dir, slots = minilm_index(retriever, args.corpus_size, args.cache_dir)

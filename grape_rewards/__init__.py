@@ -35,14 +35,20 @@ _EXPORTS: dict[str, str] = {
     # scoring
     "RewardItem": "grape_rewards.scorer",
     "RewardScorer": "grape_rewards.scorer",
+    "EnsembleScorer": "grape_rewards.ensemble",
+    "AlarmConfig": "grape_rewards.rewards.config",
+    "AlarmMonitor": "grape_rewards.alarms",
     "Label": "grape_rewards.labels",
     "parse_label": "grape_rewards.labels",
 }
 
 __all__ = [
+    "AlarmConfig",
+    "AlarmMonitor",
     "ComposedRetriever",
     "CorpusIndex",
     "CorpusSource",
+    "EnsembleScorer",
     "FormatConfig",
     "HFCLIPRetriever",
     "Label",
@@ -75,7 +81,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from .alarms import AlarmMonitor
     from .corpus import CorpusIndex, CorpusSource, build_index, read_source
+    from .ensemble import EnsembleScorer
     from .labels import Label, parse_label
     from .retrievers import (
         ComposedRetriever,
@@ -87,4 +95,5 @@ if TYPE_CHECKING:
         create_retriever,
     )
     from .rewards import FormatConfig, RewardConfig, corpus_rank, extract_rewrite, inflation_summary, rank_reward
+    from .rewards.config import AlarmConfig
     from .scorer import RewardItem, RewardScorer

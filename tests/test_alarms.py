@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from grape_rewards.alarms import ALARM_KEYS, ALARMS, FUNCTION_WORDS, AlarmMonitor, is_keyword_list
-from grape_rewards.corpus import CorpusIndex, build_index, read_source
+from grape_rewards.corpus import CorpusIndex
 from grape_rewards.demo import data_path
 from grape_rewards.retrievers import TextEmbedder
 from grape_rewards.rewards import RewardConfig
@@ -30,7 +30,7 @@ from grape_rewards.scorer import RewardItem, RewardScorer, group_key
 
 WINDOW = AlarmConfig().window
 GROUP = 8
-PREFIXES = ("", "A photo of ", "An image showing ", "Picture: ")
+PREFIXES = ("", "A photo of ", "An image showing ")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Sample:
 def faithful_variants(caption: str) -> list[str]:
     """Faithful rewrites of a caption: prefixed, lower-cased or not, with one content word dropped or not."""
     words = caption.rstrip(".").split()
-    drops = [None, *[i for i, w in enumerate(words) if i > 0 and w.lower() not in FUNCTION_WORDS][:4]]
+    drops = [None, *[i for i, w in enumerate(words) if i > 0 and w.lower() not in FUNCTION_WORDS][:3]]
     out = []
     for prefix in PREFIXES:
         for drop in drops:
@@ -55,10 +55,8 @@ def faithful_variants(caption: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def index_dir(minilm: TextEmbedder, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("alarm_index") / "captions"
-    build_index(read_source(data_path("captions.jsonl")), minilm, out, progress=False)
-    return out
+def index_dir(demo_index_dir: Path) -> Path:
+    return demo_index_dir
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +66,25 @@ def scorer(minilm: TextEmbedder, index_dir: Path) -> RewardScorer:
 
 @pytest.fixture(scope="module")
 def healthy(scorer: RewardScorer) -> list[Sample]:
-    """10,000 healthy samples: GRPO groups of 8 faithful rewrites of one caption each, scored for real."""
+    """10,000 healthy samples: GRPO groups of 8 faithful rewrites of one caption each, scored for real.
+
+    Each distinct (rewrite, caption) pair is scored once (600 pairs: 50 captions x 12 rewrites) and the stream
+    is drawn from them; a sample's statistics are what the scorer gives its rewrite.
+    """
     rng = random.Random(0)
-    captions = [json.loads(line) for line in data_path("captions.jsonl").read_text().splitlines()]
-    items: list[RewardItem] = []
+    captions = [json.loads(line) for line in data_path("captions.jsonl").read_text().splitlines()][:50]
+    pairs = [(row, text) for row in captions for text in faithful_variants(row["text"])]
+    items = [RewardItem(rewrite=text, target_ids=[row["id"]]) for row, text in pairs]
+    stats = [s for start in range(0, len(items), 256) for s in scorer.score(items[start:start + 256])]
+    scored = {(row["id"], text): s for (row, text), s in zip(pairs, stats)}
+    samples: list[Sample] = []
     for g in range(10_000 // GROUP):
         row = rng.choice(captions)
         variants = faithful_variants(row["text"])
         for _ in range(GROUP):
-            items.append(RewardItem(rewrite=rng.choice(variants), target_ids=[row["id"]], query_id=f"q{g}"))
-    samples: list[Sample] = []
-    for start in range(0, len(items), 256):
-        batch = items[start:start + 256]
-        for item, stats in zip(batch, scorer.score(batch)):
-            samples.append(Sample(item.rewrite, group_key(item), stats))
+            text = rng.choice(variants)
+            samples.append(Sample(text, group_key(RewardItem(rewrite=text, target_ids=[row["id"]], query_id=f"q{g}")),
+                                  dict(scored[row["id"], text])))
     assert len(samples) == 10_000
     return samples
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from grape_rewards.cli import main as cli_main
-from grape_rewards.corpus import CorpusIndex, build_index, read_source
+from grape_rewards.corpus import CorpusIndex
 from grape_rewards.demo import data_path
 from grape_rewards.retrievers import TextEmbedder
 from grape_rewards.rewards import RewardConfig
@@ -27,10 +27,8 @@ SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ", re.M)
 
 
 @pytest.fixture(scope="module")
-def index_dir(minilm: TextEmbedder, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dashboard_index") / "captions"
-    build_index(read_source(data_path("captions.jsonl")), minilm, out, progress=False)
-    return out
+def index_dir(demo_index_dir: Path) -> Path:
+    return demo_index_dir
 
 
 def dashboard_queries() -> list[str]:
