@@ -39,14 +39,20 @@ _EXPORTS: dict[str, str] = {
     # scoring
     "RewardItem": "grape_rewards.scorer",
     "RewardScorer": "grape_rewards.scorer",
+    "EnsembleScorer": "grape_rewards.ensemble",
+    "AlarmConfig": "grape_rewards.rewards.config",
+    "AlarmMonitor": "grape_rewards.alarms",
     "Label": "grape_rewards.labels",
     "parse_label": "grape_rewards.labels",
 }
 
 __all__ = [
+    "AlarmConfig",
+    "AlarmMonitor",
     "ComposedRetriever",
     "CorpusIndex",
     "CorpusSource",
+    "EnsembleScorer",
     "FormatConfig",
     "HFCLIPRetriever",
     "Label",
@@ -79,7 +85,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from .alarms import AlarmMonitor
     from .corpus import CorpusIndex, CorpusSource, build_index, corpus_rank, read_source
+    from .ensemble import EnsembleScorer
     from .labels import Label, parse_label
     from .retrievers import (
         ComposedRetriever,
@@ -91,4 +99,5 @@ if TYPE_CHECKING:
         create_retriever,
     )
     from .rewards import FormatConfig, RewardConfig, extract_rewrite, inflation_summary, rank_reward
+    from .rewards.config import AlarmConfig
     from .scorer import RewardItem, RewardScorer

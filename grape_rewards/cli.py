@@ -11,6 +11,7 @@
     grape-rewards rewrite ...                generate rewrites of a benchmark's queries with an LLM
     grape-rewards eval ...                   Recall@K of original vs rewritten queries, score-inflation report
     grape-rewards inflation-report ...       the score-inflation report of scored JSONL files
+    grape-rewards series-report ...          reward, rank, similarities, alarms over a scored JSONL, as a PNG
 """
 
 from __future__ import annotations
@@ -85,11 +86,11 @@ def cmd_index_shard(args: argparse.Namespace) -> int:
 
 # -- score ---------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
-    from .scorer import RewardScorer
+    from .ensemble import scorer_from_indexes
     from .scoring_io import score_jsonl
 
-    scorer = RewardScorer.from_index(args.index, reward_config_from_args(args), retriever=args.retriever,
-                                     **retriever_overrides(args))
+    scorer = scorer_from_indexes(args.index, reward_config_from_args(args), retriever=args.retriever,
+                         **retriever_overrides(args))
     summary = score_jsonl(args.input, args.output, scorer, batch_size=args.batch_size, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=cmd_index_shard)
 
     p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
-    p.add_argument("--index", required=True, type=Path)
+    p.add_argument("--index", required=True, type=Path, action="append",
+                   help="the index folder; repeat it for an ensemble of their retrievers over the same ids")
     add_retriever_args(p, required=False)
     p.add_argument("--input", required=True, type=Path,
                    help="JSONL rows: completion or rewrite, target_ids, [excluded_ids, reference_id, query_id, "

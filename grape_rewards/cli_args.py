@@ -29,12 +29,14 @@ def add_retriever_args(p: argparse.ArgumentParser, required: bool = True, defaul
 
 def add_reward_args(p: argparse.ArgumentParser) -> None:
     """``--reward-config`` (a YAML file) and the flags that override it: ``--shape``, ``--k``, ``--relative``,
-    ``--preset``."""
+    ``--preset``, ``--ensemble``."""
     p.add_argument("--reward-config", type=Path, help="YAML file of reward settings (RewardConfig fields)")
     p.add_argument("--shape", choices=["linear", "reciprocal", "log", "recall@k"], help="rank shape")
     p.add_argument("--k", type=int, help="k of the recall@k shape")
     p.add_argument("--relative", action="store_true", help="reward the change against the original query's rank")
     p.add_argument("--preset", choices=["rank", "similarity"], help="rank (default) or the similarity baseline")
+    p.add_argument("--ensemble", choices=["mean", "min"],
+                   help="several indexes: the rank part is the mean (default) or the minimum of the retrievers'")
 
 
 def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
@@ -44,7 +46,8 @@ def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
     config = RewardConfig.from_yaml(args.reward_config) if args.reward_config else RewardConfig()
     if args.preset:
         config = RewardConfig.preset(args.preset, **config.model_dump(exclude={"weights"}))
-    updates = {k: v for k, v in {"shape": args.shape, "k": args.k}.items() if v is not None}
+    updates = {k: v for k, v in {"shape": args.shape, "k": args.k,
+                                          "ensemble": getattr(args, "ensemble", None)}.items() if v is not None}
     if args.relative:
         updates["relative"] = True
     return RewardConfig.model_validate({**config.model_dump(), **updates})

@@ -24,7 +24,11 @@ from .scorer import RewardItem
 
 OPENRLHF_LOG_KEYS: tuple[str, ...] = ("rank", "recall_at_1", "recall_at_5", "recall_at_10", "target_sim", "mean_sim",
                                       "margin", "format_ok", "truncated")
-"""Per-sample statistics returned in ``extra_logs`` (OpenRLHF logs the mean of each), plus ``inflation_gap``."""
+"""Per-sample statistics returned in ``extra_logs`` (OpenRLHF logs the mean of each), plus ``inflation_gap`` and
+the keys of :data:`EXTRA_LOG_PREFIXES`."""
+EXTRA_LOG_PREFIXES: tuple[str, ...] = ("retriever_", "alarm_")
+"""Also in ``extra_logs`` when the samples have them: an ensemble's ``retriever_<j>_rank`` / ``retriever_<j>_part_rank``
+and the alarm flags ``alarm_<name>`` (:data:`grape_rewards.alarms.ALARM_KEYS`)."""
 
 
 def finite(x: float) -> float:
@@ -59,6 +63,9 @@ def openrlhf_answer(samples: Sequence[dict[str, float]], config: RewardConfig) -
     logs["inflation_gap"] = [finite(s["target_sim"] - s["mean_sim"]) for s in samples]
     if config.relative:
         logs["original_rank"] = [s["original_rank"] for s in samples]
+    for key in samples[0] if samples else ():  # an ensemble's per-retriever ranks, the reward-hacking alarm flags
+        if key.startswith(EXTRA_LOG_PREFIXES):
+            logs[key] = [finite(s[key]) for s in samples]
     return {"rewards": rewards, "scores": scores, "extra_logs": logs}
 
 

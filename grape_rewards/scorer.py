@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .alarms import ALARM_KEYS, AlarmMonitor
 from .corpus.index import CorpusIndex, IndexError_, UnknownIdError, read_manifest
 from .corpus.rank import default_chunk_elements
 from .devices import to_device
@@ -121,6 +122,19 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())  # str.split and re's \s agree on what whitespace is
 
 
+def group_key(item: RewardItem) -> str:
+    """The GRPO group of an item (the query it rewrites): its query_id, else its original query, else its targets.
+
+    >>> group_key(RewardItem(rewrite="a", target_ids=["c1", "c2"]))
+    'targets:c1,c2'
+    """
+    if item.query_id is not None:
+        return "id:" + item.query_id
+    if item.original_query:
+        return "query:" + normalize_text(item.original_query)
+    return "targets:" + ",".join(item.target_ids) + ("|" + item.reference_id if item.reference_id else "")
+
+
 def approx_bytes(obj: object) -> int:
     """Memory held by a cache key or value: strings, tensors and tuples of them counted, small scalars ~nothing.
 
@@ -186,6 +200,22 @@ class ScoredBatch:
     original queries' ranks), ``total_s`` and the cache counts of this batch."""
 
 
+def load_retriever_and_index(index_dir: str | Path, retriever: str | Retriever | None = None,
+                             **retriever_overrides: Any) -> tuple[Retriever, CorpusIndex]:
+    """The retriever an index folder's manifest names (or ``retriever``, a spec or a loaded one) and the index, loaded
+    on the retriever's device and refused unless its fingerprint matches."""
+    if not isinstance(retriever, Retriever):
+        from .retrievers import create_retriever
+
+        spec = retriever or read_manifest(index_dir).get("retriever", {}).get("spec")
+        if not spec:
+            raise IndexError_(f"index {index_dir} does not name its retriever; pass one (--retriever)")
+        retriever = create_retriever(spec, **retriever_overrides)
+    index = CorpusIndex.load(index_dir, device=retriever.device, expected_fingerprint=retriever.fingerprint,
+                             expected_spec=retriever.spec)
+    return retriever, index
+
+
 class RewardScorer:
     """Score rewrites with a retriever over an index, under a reward config. Thread-safe.
 
@@ -219,7 +249,9 @@ class RewardScorer:
         self.max_text_chars = max_text_chars
         self.embedding_cache = LRUCache(cache_size, cache_bytes)
         self.original_rank_cache = LRUCache(cache_size, cache_bytes)
-        self.keys = sample_keys(self.config)
+        self.alarms = AlarmMonitor(self.config.alarms) if self.config.alarms.enabled else None
+        """Reward-hacking alarms over the samples this scorer scores (None when ``config.alarms.enabled`` is off)."""
+        self.keys = sample_keys(self.config) + (ALARM_KEYS if self.alarms is not None else ())
         self._lock = threading.Lock()
 
     @classmethod
@@ -232,15 +264,7 @@ class RewardScorer:
         ``retriever_overrides`` go to :func:`~grape_rewards.retrievers.create_retriever` (``device``, ``dtype``,
         ``fusion``, ``image_weight``); ``scorer_options`` to the constructor (``cache_size``, ``max_text_chars``...).
         """
-        if not isinstance(retriever, Retriever):
-            from .retrievers import create_retriever
-
-            spec = retriever or read_manifest(index_dir).get("retriever", {}).get("spec")
-            if not spec:
-                raise IndexError_(f"index {index_dir} does not name its retriever; pass one (--retriever)")
-            retriever = create_retriever(spec, **retriever_overrides)
-        index = CorpusIndex.load(index_dir, device=retriever.device, expected_fingerprint=retriever.fingerprint,
-                                 expected_spec=retriever.spec)
+        retriever, index = load_retriever_and_index(index_dir, retriever, **retriever_overrides)
         return cls(retriever, index, config, **(scorer_options or {}))
 
     # -- validation -----------------------------------------------------------------------------------
@@ -398,6 +422,20 @@ class RewardScorer:
         return self.score_batch(items).samples
 
     def _score_batch(self, items: Sequence[RewardItem], rows: ItemRows) -> ScoredBatch:
+        scored, extractions = self._rank_and_compose(items, rows)
+        if self.alarms is not None:  # the alarms watch every batch; each sample carries their flags
+            t0 = time.perf_counter()
+            self.alarms.observe([ex.text if ex.scorable else None for ex in extractions],
+                                [group_key(item) for item in items], scored.samples,
+                                [ex.status == "overlong" for ex in extractions])
+            flags = self.alarms.flags()
+            for sample in scored.samples:
+                sample.update(flags)
+            scored.timings["total_s"] += time.perf_counter() - t0
+        return scored
+
+    def _rank_and_compose(self, items: Sequence[RewardItem], rows: ItemRows) -> tuple[ScoredBatch, list[Extraction]]:
+        """The scored batch (without alarm flags) and each item's extraction."""
         t0 = time.perf_counter()
         hits0, misses0 = self.embedding_cache.hits, self.embedding_cache.misses
         targets, excluded = rows  # ids looked up once (by validate): the scan takes rows
@@ -431,4 +469,4 @@ class RewardScorer:
         timings = {"encode_s": t2 - t1, "rank_s": t3 - t2, "original_s": t1 - t0, "total_s": t4 - t0,
                    "cache_hits": float(self.embedding_cache.hits - hits0),
                    "cache_misses": float(self.embedding_cache.misses - misses0)}
-        return ScoredBatch(samples, timings)
+        return ScoredBatch(samples, timings), extractions

@@ -51,7 +51,8 @@ def read_items(path: str | Path, scorer: RewardScorer) -> tuple[list[dict[str, A
 
 def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardScorer, batch_size: int = 256,
                 progress: bool = True) -> dict[str, float]:
-    """Score every row, write rows + results to ``output_path`` atomically, return the batch summary."""
+    """Score every row with ``scorer`` (one retriever, or an ensemble), write rows + results to ``output_path``
+    atomically, return the batch summary."""
     rows, items, (targets, excluded) = read_items(input_path, scorer)
     results: list[dict[str, float]] = []
     for start in tqdm(range(0, len(items), batch_size), desc="score", unit="batch", disable=not progress):

@@ -31,5 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         from .distributed.ray_serve import run_from_args
 
+        if len(config.index_paths) > 1:
+            raise ValueError("an ensemble of indexes is served without --ray (Ray Serve takes one index)")
+
         return run_from_args(config, args)
     return run(config)

@@ -3,7 +3,7 @@
 Folders (``pathlib.Path``): ``open_clip_dir``, ``hf_clip_dir``, ``chinese_clip_dir``, ``text_encoder_dir``.
 Images: ``images`` (8 distinct PNG paths, alone in one folder).
 Retrievers: ``tiny_open_clip`` (OpenCLIPRetriever, 32-d), ``tiny_hf_clip`` (HFCLIPRetriever, 16-d),
-``minilm`` (the real packaged all-MiniLM-L6-v2, 384-d).
+``minilm`` (the real packaged all-MiniLM-L6-v2, 384-d). Index: ``demo_index_dir`` (the demo captions, MiniLM).
 The retrievers are shared by the whole session: do not mutate them (use ``monkeypatch`` on attributes).
 """
 
@@ -64,3 +64,14 @@ def tiny_hf_clip(hf_clip_dir: Path) -> HFCLIPRetriever:
 def minilm() -> TextEmbedder:
     """The real packaged all-MiniLM-L6-v2 text embedder on CPU (spec ``text:all-MiniLM-L6-v2``)."""
     return create_retriever("text:all-MiniLM-L6-v2", device="cpu")  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="session")
+def demo_index_dir(minilm: TextEmbedder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 100 demo captions embedded by MiniLM (read-only: load it, do not write into it)."""
+    from grape_rewards.corpus import build_index, read_source
+    from grape_rewards.demo import data_path
+
+    out = tmp_path_factory.mktemp("demo_index") / "captions"
+    build_index(read_source(data_path("captions.jsonl")), minilm, out, progress=False)
+    return out

@@ -28,7 +28,6 @@ from test_adapters_support import smol_tokenizer_dir as tokenizer_dir
 from grape_rewards.adapters.cli import adapter_file
 from grape_rewards.labels import parse_label
 from grape_rewards.prepare import TrainingQuery, label_json, write_training_data
-from grape_rewards.rewards import sample_keys
 from grape_rewards.scorer import RewardItem
 
 QUERIES = [
@@ -41,7 +40,7 @@ RESPONSES = [
     "<answer>Restaurant, wine, glasses, toast.</answer><|im_end|>",
     "<think>no idea</think><answer> </answer><|im_end|>",
 ]
-KEYS = ("score", *sample_keys(demo_scorer().config))
+KEYS = ("score", *demo_scorer().keys)  # sample_keys(config), then the alarm flags
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     "devices": 0, "jsonl": 0,  # helpers every layer may use
     "retrievers": 1,
     "rewards": 2, "corpus": 2, "labels": 2,  # siblings: rewards and corpus never import each other
-    "scorer": 3, "framework_io": 3, "scoring_io": 3,
+    "scorer": 3, "alarms": 3, "ensemble": 3, "framework_io": 3, "scoring_io": 3,
     "server": 4, "client": 4,
     "adapters": 5,
     "distributed": 6,

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from grape_rewards.alarms import ALARM_KEYS
 from grape_rewards.cli import main
 from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, build_index, corpus_rank
 from grape_rewards.retrievers import ComposedRetriever
@@ -34,7 +35,7 @@ def test_scores_match_direct_rank(minilm, text_index):
     for o, rank, n in zip(out, stats.rank.tolist(), stats.n.tolist()):
         assert (o["rank"], o["n"]) == (rank, n)
         assert o["reward"] == pytest.approx(1 / rank)
-        assert tuple(o) == sample_keys(scorer.config)
+        assert tuple(o) == (*sample_keys(scorer.config), *ALARM_KEYS) == scorer.keys  # reward keys, alarm flags
 
 
 def test_completion_extraction_and_format_penalty(minilm, text_index):

@@ -58,7 +58,7 @@ class AdapterSettings:
     """Extra attempts after the first on connection errors, timeouts, 429 and 5xx (exponential backoff); None: the
     client's default (:data:`grape_rewards.client.DEFAULT_RETRIES`, 22.75-45.5 s of waiting: outlasts a restart)."""
     index: str | None = None
-    """In-process mode: the index folder."""
+    """In-process mode: the index folder (several, comma-separated: an ensemble of their retrievers)."""
     retriever: str | None = None
     """In-process mode: retriever spec (default: the one recorded in the index manifest)."""
     reward_config: str | None = None
@@ -339,14 +339,15 @@ def in_process(settings: AdapterSettings) -> InProcessScorer:
     with _scorer_lock:
         scorer = _scorers.get(key)
         if scorer is None:
+            from grape_rewards.ensemble import scorer_from_indexes
             from grape_rewards.rewards.config import RewardConfig
-            from grape_rewards.scorer import RewardScorer
 
             logger.info("grape-rewards: loading %s (index %s) in-process on %s", settings.retriever or
                         "the index's retriever", settings.index, settings.device)
             config = RewardConfig.from_yaml(settings.reward_config) if settings.reward_config else RewardConfig()
-            scorer = InProcessScorer(RewardScorer.from_index(settings.index, config, retriever=settings.retriever,
-                                                             device=settings.device))
+            paths = [part.strip() for part in settings.index.split(",")]  # several: an ensemble
+            scorer = InProcessScorer(scorer_from_indexes(paths, config, retriever=settings.retriever,
+                                                         device=settings.device))
             _scorers[key] = scorer
         return scorer
 

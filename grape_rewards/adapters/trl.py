@@ -8,7 +8,8 @@ TRL calls ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` wi
 list aligned with the completions. The function reads each sample's target from a label column (``grape_label``,
 the label JSON written by ``grape-rewards prepare``; else ``label`` or ``target_ids``) and returns one float per
 completion. It also logs the mean rank, recall@k, similarities and format rate through TRL's ``log_metric``
-(``grape/<key>``).
+(``grape/<key>``), the reward-hacking alarm flags (``grape/alarm_<name>``, 1.0 while an alarm is on) and, with
+an ensemble of retrievers, each one's rank (``grape/retriever_<j>_rank``).
 
 Backends, in order: an explicit ``scorer`` (a :class:`~grape_rewards.scorer.RewardScorer`, for notebooks and
 tests), the service at ``url`` (or ``GRAPE_REWARD_URL``), else in-process from ``index`` (or ``GRAPE_INDEX``).
@@ -130,7 +131,8 @@ class RewardFunc:
             raise RuntimeError(f"grape-rewards: scored {n} completions but got {len(samples)} results")
         log_metric = columns.get("log_metric")
         if callable(log_metric) and samples:
-            for key in self.log_keys:
+            extra = tuple(k for k in samples[0] if k.startswith(("retriever_", "alarm_")))  # ensemble ranks, alarms
+            for key in (*self.log_keys, *extra):
                 if key in samples[0]:
                     log_metric(f"grape/{key}", sum(_common.finite(s[key]) for s in samples) / len(samples))
         return [_common.finite(s["reward"]) for s in samples]

@@ -1,5 +1,6 @@
 """``grape-rewards eval`` (Recall@K of original queries and rewrite files, the score-inflation report, CIRR
-submissions), ``grape-rewards inflation-report`` (the report from scored JSONL files alone), and
+submissions), ``grape-rewards inflation-report`` (the report from scored JSONL files alone),
+``grape-rewards series-report`` (the dashboard's reward series as a PNG, from a scored JSONL), and
 ``grape-rewards rewrite`` (registered from :mod:`grape_rewards.rewrite.cli`).
 
     grape-rewards eval --benchmark flickr30k-cn --root data/flickr30k-cn --retriever open_clip:ViT-L-14/openai \\
@@ -66,8 +67,15 @@ def cmd_inflation_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_series_report(args: argparse.Namespace) -> int:
+    from .series_report import write_series_report
+
+    print(json.dumps(write_series_report(args.scored, args.out, window=args.window, title=args.title), indent=2))
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``eval`` and ``inflation-report`` to the sub-commands."""
+    """Add ``eval``, ``inflation-report`` and ``series-report`` to the sub-commands."""
     from ..cli_args import add_retriever_args
     from ..rewrite.cli import add_benchmark_args
 
@@ -107,3 +115,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--title")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=cmd_inflation_report)
+
+    p = subparsers.add_parser("series-report", help="the dashboard's reward series (reward, rank, recall, similarities,"
+                                                    " margin, length, alarms) as a PNG from a scored JSONL")
+    p.add_argument("--scored", required=True, type=Path, help="a scored JSONL (grape-rewards score), rows in order")
+    p.add_argument("--out", required=True, type=Path, help="the PNG to write (the window means go beside it as .json)")
+    p.add_argument("--window", type=int, default=256, help="rows per plotted point (default 256)")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_series_report)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 from .config import RewardConfig
 from .format import Extraction
 from .shapes import rank_reward, relative_rank_reward
@@ -24,6 +27,21 @@ def sample_keys(config: RewardConfig) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def ensemble_rank_part(parts: Sequence[float], how: str) -> float:
+    """The rank part of an ensemble of retrievers: the mean (``math.fsum / k``) or the minimum of theirs.
+
+    >>> ensemble_rank_part([1.0, 0.5], "mean"), ensemble_rank_part([1.0, 0.5], "min")
+    (0.75, 0.5)
+    """
+    if not parts:
+        raise ValueError("an ensemble needs at least one retriever's rank part")
+    if how == "mean":
+        return math.fsum(parts) / len(parts)
+    if how == "min":
+        return min(parts)
+    raise ValueError(f"unknown ensemble rule {how!r}; choose 'mean' or 'min'")
+
+
 def score_sample(
     config: RewardConfig,
     extraction: Extraction,
@@ -35,12 +53,14 @@ def score_sample(
     num_tokens: int = 0,
     truncated: bool = False,
     original_rank: int | None = None,
+    part_rank: float | None = None,
 ) -> dict[str, float]:
     """Combine one sample's rank statistics and format into the reward and its logged components.
 
     reward = w_rank * part_rank + w_similarity * target_sim + w_format * format_ok
              - overlong_penalty * overlong - truncation_penalty * truncated,
-    where part_rank = shape(rank) (or shape(rank) - shape(original_rank) in the relative mode).
+    where part_rank = shape(rank) (or shape(rank) - shape(original_rank) in the relative mode), unless ``part_rank``
+    is given (an ensemble's, :func:`ensemble_rank_part`; ``rank`` and the similarities are then the logged ones).
     An empty or missing rewrite gets ``invalid_reward`` and the worst statistics (rank = n); ``scored`` says
     which of the two a sample got (1.0: ranked, 0.0: the format penalty).
 
@@ -56,11 +76,12 @@ def score_sample(
     scorable = extraction.scorable
     if not scorable:
         rank, target_sim, mean_sim, best_nontarget_sim, num_tokens, truncated = n, 0.0, 0.0, 0.0, 0, False
-    if config.relative:
-        assert original_rank is not None
-        part_rank = relative_rank_reward(rank, original_rank, n, config.shape, config.k)
-    else:
-        part_rank = rank_reward(rank, n, config.shape, config.k)
+    if part_rank is None:
+        if config.relative:
+            assert original_rank is not None
+            part_rank = relative_rank_reward(rank, original_rank, n, config.shape, config.k)
+        else:
+            part_rank = rank_reward(rank, n, config.shape, config.k)
     part_format = 1.0 if extraction.ok else 0.0
     w = config.weights
     if scorable:

@@ -30,6 +30,48 @@ class FormatConfig(BaseModel):
     """Subtracted when the retriever's tokenizer had to truncate the rewrite."""
 
 
+class AlarmConfig(BaseModel):
+    """Reward-hacking alarms: thresholds on rolling windows of scored samples (see :mod:`grape_rewards.alarms`).
+
+    Each alarm is checked after every scored batch on the last ``window`` samples (and, for the two trends, against
+    the ``window`` samples before them). Size the window to a few training steps' samples.
+
+    >>> AlarmConfig().window, AlarmConfig().max_format_failure_share
+    (1024, 0.2)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    """Watch the scored samples (about 20 µs of CPU per sample, see benchmarks/README.md)."""
+    window: int = Field(default=1024, ge=16)
+    """Samples per window."""
+    inflation_rise: float = Field(default=0.03, gt=0.0)
+    """similarity_inflation: mean target similarity and mean corpus similarity both rose by at least this over the
+    window before, ..."""
+    flat_margin: float = Field(default=0.01, ge=0.0)
+    """... while the mean margin (target minus best non-target similarity) moved by less than this ..."""
+    flat_reward: float = Field(default=0.02, ge=0.0)
+    """... and the mean rank reward rose by less than this (also the "flat reward" of length_blowup)."""
+    length_growth: float = Field(default=0.25, gt=0.0)
+    """length_blowup: the mean rewrite length in tokens grew by this fraction over the window before (reward flat),
+    ..."""
+    max_long_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    """... or more than this share of the window's rewrites are overlong or truncated by the retriever's tokenizer."""
+    group_duplicate_jaccard: float = Field(default=0.9, gt=0.0, le=1.0)
+    """collapse: a rewrite duplicates a sibling (same query_id, else original query, else targets) when their word
+    sets overlap by at least this Jaccard index, ..."""
+    max_group_duplicate_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    """... and collapse is on when more than this share of the window's rewrites duplicate a sibling, ..."""
+    min_distinct_share: float = Field(default=0.1, ge=0.0, le=1.0)
+    """... or when distinct rewrites / rewrites in the window falls below this."""
+    max_keyword_list_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    """keyword_stuffing: more than this share of the window's rewrites are keyword lists
+    (:func:`grape_rewards.alarms.is_keyword_list`)."""
+    max_format_failure_share: float = Field(default=0.2, gt=0.0, le=1.0)
+    """format_failures: more than this share of the window's completions had no rewrite (empty or missing)."""
+
+
 class RewardConfig(BaseModel):
     """The reward: ``sum_k weights[k] * part_k`` minus penalties; see the README for the formulas.
 
@@ -48,6 +90,11 @@ class RewardConfig(BaseModel):
     """Reward shape(rank of rewrite) - shape(rank of the original query) instead of the shape itself."""
     weights: dict[str, float] = Field(default_factory=lambda: {"rank": 1.0, "similarity": 0.0, "format": 0.0})
     format: FormatConfig = Field(default_factory=FormatConfig)
+    ensemble: Literal["mean", "min"] = "mean"
+    """With several retrievers (one index each, same ids): the rank part is the mean or the minimum of their rank
+    parts (:func:`~grape_rewards.rewards.composite.ensemble_rank_part`)."""
+    alarms: AlarmConfig = Field(default_factory=AlarmConfig)
+    """Reward-hacking alarms over the scored samples; they never change a reward."""
 
     @field_validator("weights")
     @classmethod

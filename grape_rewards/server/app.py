@@ -29,10 +29,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .. import __version__
+from ..ensemble import EnsembleScorer, scorer_from_indexes
 from ..framework_io import native_answer, openrlhf_answer
 from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
 from .batcher import BatcherClosed, MicroBatcher, QueueFull, SearchQuery
-from .config import ServeConfig
+from .config import ConfigError, ServeConfig
 from .metrics import CONTENT_TYPE, ENDPOINTS, ServiceMetrics
 from .protocol import (
     RequestError,
@@ -212,9 +213,13 @@ def validated(scorer: RewardScorer, items: list[RewardItem], where: str,
 
 
 def load_scorer(config: ServeConfig) -> RewardScorer:
-    """The scorer the config names (:meth:`RewardScorer.from_index`: a fingerprint mismatch is refused)."""
-    return RewardScorer.from_index(
-        config.index, config.load_reward_config(), retriever=config.retriever, device=config.device,
+    """The scorer the config names (:meth:`RewardScorer.from_index`: a fingerprint mismatch is refused), an
+    :class:`~grape_rewards.ensemble.EnsembleScorer` when it names several indexes."""
+    paths = config.index_paths
+    if len(paths) > 1 and config.retriever:
+        raise ConfigError("retriever: an ensemble of indexes uses each index's own retriever; drop --retriever")
+    return scorer_from_indexes(
+        paths, config.load_reward_config(), retriever=config.retriever, device=config.device,
         fusion=config.fusion, image_weight=config.image_weight,
         scorer_options={"cache_size": config.cache_size, "cache_bytes": config.cache_bytes,
                         "max_text_chars": config.max_text_chars})
@@ -497,7 +502,8 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
 
     @app.get("/info")
     async def info() -> Response:
-        """Retriever (with fingerprint), corpus, reward config, batching settings and version."""
+        """Retriever (with fingerprint), corpus, reward config, alarms (active ones first), batching settings,
+        version."""
         scorer = state.require_ready()
         manifest = scorer.index.manifest
         return json_response({
@@ -508,6 +514,8 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
                       "device": str(scorer.index.device)},
             "reward_config": scorer.config.model_dump(),
             "sample_keys": list(scorer.keys),
+            "alarms": scorer.alarms.snapshot() if scorer.alarms is not None else None,
+            "ensemble": scorer.describe() if isinstance(scorer, EnsembleScorer) else None,
             "server": config.public_dict(),
             "uptime_s": time.time() - state.started_at,
         })

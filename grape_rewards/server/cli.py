@@ -49,8 +49,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         kind, choices = _flag_type(field.annotation)
+        repeatable = list in [typing.get_origin(a) for a in typing.get_args(field.annotation)]  # str | list[str]
         p.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text,
-                       metavar=None if choices else name.upper())
+                       metavar=None if choices else name.upper(), action="append" if repeatable else None)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

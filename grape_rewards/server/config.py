@@ -45,8 +45,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
     # -- what to serve ------------------------------------------------------------------------------
-    index: str = Field(min_length=1)
-    """The index folder (``grape-rewards index build --out``)."""
+    index: str | list[str] = Field(min_length=1)
+    """The index folder (``grape-rewards index build --out``); several (a YAML list, ``--index A --index B`` or
+    comma-separated) make an ensemble of their retrievers over the same ids (``reward_config.ensemble``)."""
     retriever: str | None = None
     """Retriever spec; default: the spec recorded in the index manifest. Its fingerprint must match the index."""
     reward_config: Any = None
@@ -109,6 +110,25 @@ class ServeConfig(BaseModel):
     with Retry-After (the clients retry it elsewhere) and the process exits without waiting for the device job."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Logging level of the service (access logs only at debug)."""
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index_paths(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, str) and "," in value:
+            value = [part for part in value.split(",")]
+        if isinstance(value, (list, tuple)):
+            paths = [str(v).strip() for v in value]
+            if not paths or not all(paths):
+                raise ValueError(f"expected one or more index folders, got {value!r}")
+            return paths[0] if len(paths) == 1 else paths
+        return value
+
+    @property
+    def index_paths(self) -> list[str]:
+        """The index folder(s), as a list."""
+        return [self.index] if isinstance(self.index, str) else list(self.index)
 
     @field_validator("token", mode="before")
     @classmethod

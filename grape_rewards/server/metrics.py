@@ -14,6 +14,8 @@ Names (all prefixed ``grape_``):
   and ``inflation_gap`` histograms (their ``_sum / _count`` over a window is the step mean),
   ``recall_hits_total{k}``, ``format_failures_total``, ``truncated_total``, and ``batch_stat{stat}``: the
   inflation summary of the latest batch
+- ``alarm{name}``: 1 while a reward-hacking alarm is on (:mod:`grape_rewards.alarms`), ``alarm_stat{stat}``: the
+  window statistics the alarms read (absent until their windows are full)
 - ``ready``: 1 when the index is loaded and the service accepts work
 """
 
@@ -60,6 +62,25 @@ class _CacheCollector(Collector):
                 ratio.add_metric([name], h / (h + m) if h + m else 0.0)
                 entries.add_metric([name], len(cache))
         yield from (hits, misses, ratio, entries)
+
+
+class _AlarmCollector(Collector):
+    """Reads the scorer's reward-hacking alarms at scrape time."""
+
+    def __init__(self) -> None:
+        self.scorer: RewardScorer | None = None
+
+    def collect(self) -> Iterable[Any]:
+        alarm = GaugeMetricFamily("grape_alarm", "1 while a reward-hacking alarm is on", labels=["name"])
+        stat = GaugeMetricFamily("grape_alarm_stat", "Window statistics read by the alarms", labels=["stat"])
+        monitor = self.scorer.alarms if self.scorer is not None else None
+        if monitor is not None:
+            for name, on in list(monitor.active.items()):
+                alarm.add_metric([name], 1.0 if on else 0.0)
+            for key, value in list(monitor.stats.items()):
+                if value == value:  # NaN until the windows are full: left out
+                    stat.add_metric([key], value)
+        yield from (alarm, stat)
 
 
 class BulkHistogram(Collector):
@@ -144,6 +165,8 @@ class ServiceMetrics:
         self.info = Info("grape_service", "Retriever, index and version served", registry=r)
         self._caches = _CacheCollector()
         r.register(self._caches)
+        self._alarms = _AlarmCollector()
+        r.register(self._alarms)
         self._recall_children = {k: self.recall_hits.labels(k=str(k)) for k in (1, 5, 10)}
         self._request_children: dict[tuple[str, int], Any] = {}
         self._latency_children = {e: self.request_seconds.labels(endpoint=e) for e in (*ENDPOINTS, "other")}
@@ -151,6 +174,7 @@ class ServiceMetrics:
     def attach(self, scorer: RewardScorer, info: dict[str, str]) -> None:
         """Start reporting ``scorer``'s caches and describe what is served."""
         self._caches.scorer = scorer
+        self._alarms.scorer = scorer
         self.info.info(info)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
