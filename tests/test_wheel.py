@@ -1,17 +1,24 @@
 """The built wheel, installed into a fresh virtual environment, carries what a user points a framework at:
 ``pkg://grape_rewards.adapters.verl`` imports through verl's loader, ``grape-rewards adapters path`` prints installed
-reward files that OpenRLHF's and verl's loaders accept, and the installed adapter scores.
+reward files that OpenRLHF's and verl's loaders accept, and the installed adapter scores. The sdist carries the
+license and what its tests need.
 
-The venv sees the system site-packages (torch & co. are not reinstalled: ``pip install --no-deps``); every check
-runs from a folder outside the source tree, with ``PYTHONPATH`` unset, and asserts that the import resolved to the
-venv's copy (the editable install of the checkout, if any, comes later on ``sys.meta_path``)."""
+The venv sees the running interpreter's site-packages through a ``.pth`` file (torch & co. are not reinstalled:
+``pip install --no-deps``), so the test works whether pytest runs in a base interpreter or inside a user's venv (a
+nested ``--system-site-packages`` venv would see the base interpreter's packages, not the outer venv's). Only the
+folders are added, not their ``.pth`` hooks, so an editable install of the checkout stays invisible; every check runs
+from a folder outside the source tree, with ``PYTHONPATH`` unset, and asserts that the import resolved to the venv's
+copy."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
+import tarfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +26,8 @@ from pathlib import Path
 import pytest
 from test_adapters_support import REPO, demo_index_dir, require
 
+SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in")
+SOURCE_FOLDERS = ("grape_rewards", "tests", "adapters", "examples", "benchmarks", "docs")
 PAYLOAD = ("grape_rewards/adapters/verl.py", "grape_rewards/adapters/openrlhf.py", "grape_rewards/adapters/trl.py",
            "grape_rewards/adapters/files/openrlhf_reward_func.py", "grape_rewards/adapters/files/verl_reward_fn.py",
            "grape_rewards/prepare/cli.py", "grape_rewards/demo/data/captions.jsonl")
@@ -28,23 +37,42 @@ PAYLOAD = ("grape_rewards/adapters/verl.py", "grape_rewards/adapters/openrlhf.py
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
     """(venv folder, the wheel, a working folder outside the source tree)."""
     root = tmp_path_factory.mktemp("wheel")
-    src = root / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "grape_rewards", src / "grape_rewards", ignore=shutil.ignore_patterns("__pycache__"))
+    src = source_copy(root)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                             "-w", str(root / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
     wheel = next((root / "dist").glob("grape_rewards-*.whl"))
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root / "venv")], check=True,
-                   timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True, timeout=300)
+    see_outer_packages(root / "venv")
     install = subprocess.run([str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "--no-deps",
                               "--no-index", "-q", str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
     work = root / "elsewhere"
     work.mkdir()
     yield root / "venv", wheel, work
+
+
+def source_copy(root: Path) -> Path:
+    """The checkout's source tree (what the sdist is built from), copied under ``root`` without build leftovers."""
+    src = root / "src"
+    src.mkdir()
+    for name in SOURCE_FILES:
+        shutil.copy2(REPO / name, src / name)
+    for name in SOURCE_FOLDERS:
+        shutil.copytree(REPO / name, src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache"))
+    return src
+
+
+def see_outer_packages(venv: Path) -> None:
+    """Let ``venv`` import what the running interpreter has installed: its site folders go into a ``.pth``."""
+    outer = [*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_path("purelib"),
+             sysconfig.get_path("platlib")]
+    python = venv / "bin" / "python"
+    inner = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                           capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    folders = dict.fromkeys(p for p in outer if Path(p).is_dir() and Path(p) != Path(inner))
+    (Path(inner) / "outer_site_packages.pth").write_text("".join(f"{p}\n" for p in folders))
 
 
 def in_venv(venv: Path, work: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -103,3 +131,30 @@ print(out["rewards"][0], out["extra_logs"]["rank"][0])
     out = in_venv(env_dir, work, str(env_dir / "bin" / "python"), "-c", code,
                   env={"GRAPE_INDEX": demo_index_dir(), "GRAPE_DEVICE": "cpu"})
     assert out.splitlines()[-1] == "1.0 1.0"
+
+
+@pytest.mark.slow
+def test_sdist_and_wheel_carry_the_license_and_what_the_tests_need(tmp_path: Path) -> None:
+    src = source_copy(tmp_path)
+    dist = tmp_path / "dist"
+    for hook in ("build_sdist", "build_wheel"):  # PEP 517, one process each (as pip and build call them)
+        code = f"import sys; from setuptools import build_meta; build_meta.{hook}(sys.argv[1])"
+        out = subprocess.run([sys.executable, "-c", code, str(dist)], cwd=src, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    (sdist_path,), (wheel_path,) = dist.glob("grape_rewards-*.tar.gz"), dist.glob("grape_rewards-*.whl")
+    with tarfile.open(sdist_path) as sdist:
+        top = sdist_path.name.removesuffix(".tar.gz")
+        names = {name.removeprefix(top + "/") for name in sdist.getnames()}
+    wanted = {"LICENSE", "README.md", "pyproject.toml", "grape_rewards/py.typed", "tests/conftest.py",
+              "tests/test_adapters_support.py", "tests/install_frameworks.sh", "examples/serve.yaml",
+              "adapters/README.md", "grape_rewards/demo/data/captions.jsonl"}
+    assert not wanted - names, f"the sdist lacks {sorted(wanted - names)}"
+    assert not [n for n in names if "__pycache__" in n], "the sdist carries __pycache__"
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = set(wheel.namelist())
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        text = wheel.read(metadata).decode()
+    assert "grape_rewards/py.typed" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "the wheel lacks the license file"
+    assert "License-Expression: Apache-2.0" in text and "Classifier: " in text and "Project-URL: " in text
