@@ -82,7 +82,7 @@ def main() -> None:
     markdown = "\n".join(lines) + "\n\nUseful FLOPs count the encoder at the true token count only; the padded " \
         "encoder spends the rest on padding, which is why its fraction of peak is low.\n"
     write_result(f"text-encoding-{device.type}", {"peak_flops": peak, "rows": rows}, markdown)
-    print(markdown)
+    print(markdown.replace("{header}", ""))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ grape_start_service --config "${SERVE_CONFIG}" --index "${INDEX}" --retriever "$
 grape_wait_ready "${REWARD_URL}" 1800
 
 if [[ "${MODE}" == "--dry-run" ]]; then
-    echo "python -m openrlhf.cli.train_ppo_ray ${ARGS[*]}"
+    printf "%q " python -m openrlhf.cli.train_ppo_ray "${ARGS[@]}"; echo  # quoted: copy-pasteable in bash and zsh
     exit 0
 fi
 python -m openrlhf.cli.train_ppo_ray "${ARGS[@]}"

@@ -82,7 +82,7 @@ grape_start_service ${SERVE_CONFIG:+--config "${SERVE_CONFIG}"} --index "${INDEX
 grape_wait_ready "${REWARD_URL}" 1800
 
 if [[ "${MODE}" == "--dry-run" ]]; then
-    echo "python -m verl.trainer.main_ppo ${OVERRIDES[*]}"
+    printf "%q " python -m verl.trainer.main_ppo "${OVERRIDES[@]}"; echo  # quoted: copy-pasteable in bash and zsh
     exit 0
 fi
 python -m verl.trainer.main_ppo "${OVERRIDES[@]}"
