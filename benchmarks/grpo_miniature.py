@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from grape_rewards.prepare.write import write_jsonl
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import miniature_task as task
 from common import machine
@@ -135,7 +137,7 @@ class Judges:
             index = CorpusIndex.load(index_dir, expected_fingerprint=retriever.fingerprint, device=device)
         else:
             source = work / "corpus.jsonl"
-            write_jsonl(source, [{"id": s.item_id, "text": s.caption} for s in self.corpus])
+            write_jsonl([{"id": s.item_id, "text": s.caption} for s in self.corpus], source)
             index = build_index(read_source(source), retriever, index_dir, progress=False)
         if index.ids != self.ids:
             raise RuntimeError(f"{index_dir} holds another corpus; delete it and rerun")
@@ -469,12 +471,6 @@ def verdict(result: dict[str, Any]) -> str:
 
 
 # -- outputs -------------------------------------------------------------------------------------------------
-def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    from grape_rewards.corpus.files import atomic_write_bytes
-
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-
-
 def fmt_cell(stat: dict[str, float], rank: bool = False) -> str:
     lo, hi = stat["ci95"]
     if rank:
@@ -643,14 +639,14 @@ def run(cfg: RunConfig, out: Path, name: str = "grpo-miniature", command: str = 
 
     rewrites_dir = out / name
     rewrites_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(rewrites_dir / "heldout.jsonl",
-                [{"query_id": q.query_id, "kind": q.kind, "query": q.text, "target_id": q.target_id} for q in heldout])
-    write_jsonl(rewrites_dir / "corpus.jsonl", [{"id": s.item_id, "text": s.caption} for s in corpus])
-    write_jsonl(rewrites_dir / "untrained.jsonl",
-                [{"query_id": q.query_id, "rewrite": r} for q, r in zip(heldout, untrained["rewrites"])])
+    write_jsonl([{"query_id": q.query_id, "kind": q.kind, "query": q.text, "target_id": q.target_id}
+                 for q in heldout], rewrites_dir / "heldout.jsonl")
+    write_jsonl([{"id": s.item_id, "text": s.caption} for s in corpus], rewrites_dir / "corpus.jsonl")
+    write_jsonl([{"query_id": q.query_id, "rewrite": r} for q, r in zip(heldout, untrained["rewrites"])],
+                rewrites_dir / "untrained.jsonl")
     for r in runs:
-        write_jsonl(rewrites_dir / f"{r['arm']}-seed{r['seed']}.jsonl",
-                    [{"query_id": q.query_id, "rewrite": w} for q, w in zip(heldout, r["final"]["rewrites"])])
+        write_jsonl([{"query_id": q.query_id, "rewrite": w} for q, w in zip(heldout, r["final"]["rewrites"])],
+                    rewrites_dir / f"{r['arm']}-seed{r['seed']}.jsonl")
     from grape_rewards.corpus.files import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(out / f"{name}.json", result)
