@@ -227,5 +227,5 @@ def test_no_backend_and_bad_ground_truth(clean_env: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(RuntimeError, match="no reward backend configured"):
         asyncio.run(compute_score("d", "a dog", '{"target_ids": ["cap000"]}'))
-    with pytest.raises(ValueError, match="grape-rewards: empty label"):
+    with pytest.raises(ValueError, match="grape-rewards: ground_truth: empty label"):
         asyncio.run(compute_score("d", "a dog", "", url="http://127.0.0.1:1"))
