@@ -201,6 +201,21 @@ def test_bad_labels_and_no_backend_raise(tok: Any, clean_env: pytest.MonkeyPatch
         reward_func([prompt + GOOD], [prompt], [json.dumps({"target_ids": ["nope"]})])
 
 
+def test_in_process_label_errors_name_the_sample(tok: Any, clean_env: pytest.MonkeyPatch) -> None:
+    """A bad label is named by its position in the call and, since OpenRLHF calls with one sample at a time
+    (always position 0), by its query_id."""
+    from grape_rewards.adapters.openrlhf import reward_lists
+
+    clean_env.setenv("GRAPE_INDEX", demo_index_dir())
+    clean_env.setenv("GRAPE_DEVICE", "cpu")
+    prompt, label = prompt_and_label(tok)
+    bad = json.dumps({"target_ids": ["nope"], "query_id": "q-7"})
+    with pytest.raises(ValueError, match=r"labels\[2\] \(query_id 'q-7'\): .*'nope'"):
+        reward_lists([prompt + GOOD] * 3, [prompt] * 3, [label, label, bad])
+    with pytest.raises(ValueError, match=r"labels\[0\] \(query_id 'q-7'\)"):
+        reward_func([prompt + GOOD], [prompt], [bad])
+
+
 @pytest.mark.slow
 def test_service_refusal_is_not_retried(tok: Any, service: Service, clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("GRAPE_REWARD_URL", service.url)

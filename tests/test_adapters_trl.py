@@ -70,6 +70,14 @@ def test_reward_functions_pickle_and_trl_reads_them(service: Service) -> None:
             assert (asyncio.run(out) if is_async_callable(copy) else out) == [1.0]
 
 
+def test_label_errors_name_the_sample() -> None:
+    """A label that does not parse is named by its row in the batch (TRL passes the whole batch)."""
+    fn = make_reward_func(index="/nowhere/loaded/lazily")
+    columns = {"grape_label": [label_json(QUERIES[1]), label_json(QUERIES[1]), ""]}
+    with pytest.raises(ValueError, match=r"labels\[2\]: "):
+        fn.items([GOOD] * 3, columns)
+
+
 def test_outage_is_a_clear_error() -> None:
     fn = make_async_reward_func(url=dead_url(), retries=0)
     with pytest.raises(RuntimeError, match="no reward from the service .* after 1 attempts"):

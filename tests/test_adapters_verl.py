@@ -8,6 +8,7 @@ import asyncio
 import inspect
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -222,10 +223,22 @@ def test_outage_raises_a_clear_error(rows: list[dict[str, Any]]) -> None:
         asyncio.run(fn(data_source="d", solution_str="a dog", ground_truth=rows[0]["reward_model"]["ground_truth"]))
 
 
+def test_check_without_datasets_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """verl's trainer imports HF datasets: without it, the check says which pip command adds it."""
+    require("verl", "hydra")
+    from grape_rewards.adapters.checks import CheckError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # an import of datasets fails, as when it is not installed
+    for name in [m for m in sys.modules if m == "verl.trainer.ppo.utils"]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(CheckError, match=r"needs 'datasets'.*pip install 'grape-rewards\[verl\]'"):
+        compose(base_overrides() + reward_overrides("pkg://grape_rewards.adapters.verl", url="http://127.0.0.1:1"))
+
+
 def test_no_backend_and_bad_ground_truth(clean_env: pytest.MonkeyPatch) -> None:
     from grape_rewards.adapters.verl import compute_score
 
     with pytest.raises(RuntimeError, match="no reward backend configured"):
         asyncio.run(compute_score("d", "a dog", '{"target_ids": ["cap000"]}'))
-    with pytest.raises(ValueError, match="grape-rewards: empty label"):
+    with pytest.raises(ValueError, match="grape-rewards: ground_truth: empty label"):
         asyncio.run(compute_score("d", "a dog", "", url="http://127.0.0.1:1"))

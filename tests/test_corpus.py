@@ -174,6 +174,21 @@ def test_bad_json_line_and_csv(tmp_path):
         read_source(tmp_path / "bad.csv")
 
 
+def test_missing_source_and_index_path_say_what_was_expected(tmp_path):
+    """A missing --source names what to pass; an --index at the manifest file (not its folder) says so."""
+    with pytest.raises(CorpusSourceError, match="images: no such file or folder; pass a folder of images, a "
+                                                "JSONL/CSV of texts, or a source manifest"):
+        read_source(tmp_path / "images")
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "manifest.json").write_text("{}")
+    with pytest.raises(IndexError_, match=r"expected the index folder \(the one holding manifest.json\), got the "
+                                          r"manifest file itself; pass its folder") as info:
+        CorpusIndex.load(tmp_path / "idx" / "manifest.json")
+    assert str(tmp_path / "idx") in str(info.value)
+    with pytest.raises(IndexError_, match="no such folder; pass a folder written by 'grape-rewards index build'"):
+        CorpusIndex.load(tmp_path / "gone")
+
+
 def test_unreadable_image_leaves_no_index(tmp_path, tiny_open_clip, images):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -319,6 +320,29 @@ def test_eval_cirr_test_split_writes_submissions_only(tmp_path: Path, retriever_
                 order = [ids[j] for j in np.argsort(-scores[i], kind="stable") if ids[j] != r["reference"]]
                 assert sub[str(r["pairid"])][:5] == order[:5]
     assert "Labels are hidden" in (out / "metrics.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_cirr_small_gallery_writes_metrics_and_refuses_only_the_submission(
+        tmp_path: Path, retriever_spec: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A gallery under 51 images has no top 50 besides each reference: the metrics are still written, the
+    submission is refused with its reason on stderr, and the exit code (1) says that asked-for files are missing."""
+    monkeypatch.setattr(sys.modules[__name__], "CIRR_N", 30)
+    root = tmp_path / "cirr"
+    write_cirr_release(root, "val", n_queries=4)
+    out = tmp_path / "out"
+    rc = run_cli(["eval", "--benchmark", "cirr", "--root", root, "--split", "val", "--retriever", retriever_spec,
+                  "--device", "cpu", "--write-submissions", "--out", out, "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    result = json.loads((out / "metrics.json").read_text())
+    assert set(result["methods"]["original"]["metrics"]) >= {"R@1", "R@50", "R_subset@1", "avg"}
+    reason = result["methods"]["original"]["submissions_refused"]
+    assert "recall needs 50 ranked ids, got 29" in reason and "the index holds 30 items" in reason
+    assert reason in err and "the metrics were written" in err
+    assert not (out / "submissions").exists() and "submissions" not in result["methods"]["original"]
+    assert (out / "metrics.md").is_file()
 
 
 # --------------------------------------------------------------------------------------- inflation, helpers

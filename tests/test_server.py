@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ from grape_rewards.scorer import RewardItem, RewardScorer, ScoredBatch
 from grape_rewards.server import ServeConfig, create_app, load_config
 from grape_rewards.server.batcher import MicroBatcher, QueueFull
 from grape_rewards.server.config import ConfigError
+from grape_rewards.server.rejections import RejectionLog
 from grape_rewards.server.testing import ServerThread, free_port
 
 QWEN_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -320,6 +322,52 @@ def test_bad_input_gets_4xx_naming_the_problem(http: httpx.Client, name: str, pa
     r = http.post(path, content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert message in r.json()["detail"], r.json()["detail"]
+
+
+def test_a_4xx_leaves_one_rate_limited_warning_with_its_reason(server: ServerThread, http: httpx.Client,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """OpenRLHF's client never reads a 422 body: the service logs the reason (not the body), once per reason."""
+    monkeypatch.setattr(server.app.state.service, "rejections", RejectionLog(logging.getLogger("grape_rewards.server")))
+    body = {"query": ["SECRET-COMPLETION a dog"], "labels": [{"target_ids": ["no-such-id-4xx"]}]}
+    with caplog.at_level(logging.WARNING, logger="grape_rewards.server"):
+        for _ in range(30):
+            assert http.post("/get_reward", json=body).status_code == 422
+        assert http.post("/get_reward", content=b"{", headers={"Content-Type": "application/json"}).status_code == 400
+    lines = [r for r in caplog.records if r.name == "grape_rewards.server" and r.levelno == logging.WARNING]
+    bad_label = [r.getMessage() for r in lines if "no-such-id-4xx" in r.getMessage()]
+    assert len(bad_label) == 1, bad_label  # the burst of 30 identical 422s: one line
+    assert "/get_reward" in bad_label[0] and "422" in bad_label[0] and "unknown corpus id" in bad_label[0]
+    assert any("400" in r.getMessage() for r in lines if r not in bad_label)  # another reason: its own line
+    assert not any("SECRET-COMPLETION" in r.getMessage() for r in lines)  # the reason only, never the body
+
+
+def test_rejection_log_rule() -> None:
+    """One line per reason per interval (the next one counts those not logged), at most max_lines per interval."""
+    now = [0.0]
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    log = logging.getLogger("grape_rewards.test_rejections")
+    log.addHandler(Collect())
+    log.propagate = False
+    rejections = RejectionLog(log, interval_s=60, max_lines=3, max_chars=50, clock=lambda: now[0])
+    assert rejections.note("/get_reward", 422, "labels[0]: bad")
+    assert not any(rejections.note("/get_reward", 422, "labels[0]: bad") for _ in range(9))
+    for i in range(1, 5):  # distinct reasons: two fit under max_lines=3, two are dropped
+        rejections.note("/get_reward", 422, f"labels[{i}]: bad")
+    assert len(records) == 3
+    now[0] = 61.0
+    assert rejections.note("/get_reward", 422, "labels[0]: bad" + "x" * 100)  # cut to 50: a new reason
+    assert "…" in records[-1] and "x" * 50 not in records[-1]
+    assert rejections.note("/get_reward", 422, "labels[0]: bad")
+    assert "9 more like it" in records[-1]
+    assert "2 other rejections were not logged" in records[-2]
+    with pytest.raises(ValueError, match="interval_s > 0"):
+        RejectionLog(log, interval_s=0)
 
 
 def test_wrong_method_and_path(http: httpx.Client) -> None:

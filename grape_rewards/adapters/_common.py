@@ -117,7 +117,17 @@ reward_config=None, device='auto')
 
 
 # -- labels -> reward items --------------------------------------------------------------------------------
-def item_fields(label: Any, completion: str) -> dict[str, Any]:
+def sample_name(where: str, position: int, query_id: str | None = None) -> str:
+    """How an error names a sample: ``where`` formatted with its position, and its query_id when known.
+
+    >>> sample_name("labels[{}]", 3), sample_name("labels[{}]", 0, "q17")
+    ('labels[3]', "labels[0] (query_id 'q17')")
+    """
+    name = where.format(position)
+    return name if query_id is None else f"{name} (query_id {query_id!r})"
+
+
+def item_fields(label: Any, completion: str, where: str = "label") -> dict[str, Any]:
     """The native reward item (as a dict, None fields left out) of a completion and its label.
 
     >>> item_fields('{"target_ids": ["c1"], "reference_id": "r"}', "<answer>a dog</answer>")
@@ -130,7 +140,7 @@ def item_fields(label: Any, completion: str) -> dict[str, Any]:
     try:
         parsed = parse_label(label)
     except LabelError as exc:
-        raise ValueError(f"grape-rewards: {exc} (label {str(label)[:120]!r})") from None
+        raise ValueError(f"grape-rewards: {where}: {exc} (label {str(label)[:120]!r})") from None
     out: dict[str, Any] = {"completion": completion, "target_ids": list(parsed.target_ids)}
     if parsed.excluded_ids:
         out["excluded_ids"] = list(parsed.excluded_ids)
@@ -306,11 +316,17 @@ class InProcessScorer:
         return tuple(self.scorer.keys)
 
     def check(self, items: Sequence[RewardItem], where: str = "sample {}") -> None:
-        """Raise a ValueError naming the first item the index cannot score (before it joins a batch)."""
+        """Raise a ValueError naming the first item the index cannot score (before it joins a batch).
+
+        The item is named by ``where`` formatted with its position in this call, and by its label's
+        ``query_id`` when it has one: OpenRLHF and verl call with one sample at a time, where the position is
+        always 0 and only the query_id tells which sample of the dataset it was.
+        """
         from grape_rewards.scorer import ItemError
 
         try:
-            self.scorer.validate(items, where)
+            for i, item in enumerate(items):
+                self.scorer.validate_item(item, sample_name(where, i, item.query_id))
         except ItemError as exc:
             raise ValueError(f"grape-rewards: {exc}") from None
 
@@ -319,11 +335,11 @@ class InProcessScorer:
         self.check(items, where)
         return self.batcher.submit(items)
 
-    def score_dicts(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+    def score_dicts(self, items: Sequence[Mapping[str, Any]], where: str = "sample {}") -> list[dict[str, float]]:
         """:meth:`score` of native item dicts (as :func:`item_fields` builds them)."""
         from grape_rewards.scorer import RewardItem
 
-        return self.score([RewardItem(**dict(item)) for item in items])
+        return self.score([RewardItem(**dict(item)) for item in items], where)
 
 
 _scorers: dict[AdapterSettings, InProcessScorer] = {}

@@ -124,6 +124,26 @@ def verl_config_dir() -> str:
     return os.path.join(next(iter(spec.submodule_search_locations)), "trainer", "config")
 
 
+VERL_CHECK_PACKAGES = {"datasets": "datasets", "hydra": "hydra-core", "omegaconf": "omegaconf"}
+"""What the verl check imports besides verl (installed with --no-deps), by module: the pip package of each, all
+in the ``verl`` extra."""
+
+
+def missing_for_verl(module: str | None) -> str:
+    """The error for a module the verl check cannot import: what is missing, and the pip command that adds it.
+
+    >>> missing_for_verl("datasets").split(": ")[-1]
+    "pip install 'grape-rewards[verl]' (or pip install datasets)"
+    """
+    root = (module or "").split(".")[0]
+    if root in VERL_CHECK_PACKAGES:
+        why = " (verl's trainer imports it)" if root == "datasets" else ""
+        return (f"checking a verl config needs {root!r}{why}, which is not installed: pip install "
+                f"'grape-rewards[verl]' (or pip install {VERL_CHECK_PACKAGES[root]})")
+    return (f"checking a verl config needs {module!r}, which is not installed: pip install {root or module} (the "
+            "pinned versions are in tests/install_frameworks.sh)")
+
+
 def compose_verl_config(overrides: Sequence[str]) -> Any:
     """``ppo_trainer`` composed with ``overrides`` (what ``python -m verl.trainer.main_ppo OVERRIDES`` builds),
     checked by verl's ``validate_config``; :class:`CheckError` with Hydra's or verl's message otherwise."""
@@ -136,8 +156,7 @@ def compose_verl_config(overrides: Sequence[str]) -> Any:
         from verl.trainer.ppo.utils import need_critic, need_reference_policy
         from verl.utils.config import validate_config
     except ImportError as exc:
-        raise CheckError(f"checking a verl config needs {exc.name!r}, which is not installed (see "
-                         "tests/install_frameworks.sh)") from None
+        raise CheckError(missing_for_verl(exc.name)) from None
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

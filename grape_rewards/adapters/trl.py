@@ -109,7 +109,8 @@ class RewardFunc:
                            f"columns seen: {known}. Pass label_column= to the reward factory.")
         if len(labels) != len(completions):
             raise ValueError(f"grape-rewards: {len(completions)} completions but {len(labels)} labels")
-        return [_common.item_fields(label, completion_text(c)) for c, label in zip(completions, labels)]
+        return [_common.item_fields(label, completion_text(c), f"labels[{i}]")
+                for i, (c, label) in enumerate(zip(completions, labels))]
 
     def score_sync(self, items: list[dict[str, Any]]) -> list[dict[str, float]]:
         if self.scorer is not None:
@@ -123,7 +124,7 @@ class RewardFunc:
                 return _common.sync_client(self.settings).score(items)
             except RewardServiceError as exc:
                 raise _common.service_error(exc, self.settings) from exc
-        return _common.in_process(self.settings).score_dicts(items)
+        return _common.in_process(self.settings).score_dicts(items, "labels[{}]")
 
     def finish(self, samples: list[dict[str, float]], n: int, columns: dict[str, Any]) -> list[float]:
         """The rewards of ``samples``, after logging the batch means of :attr:`log_keys` through ``log_metric``."""

@@ -56,7 +56,7 @@ async def compute_score(data_source: str, solution_str: str, ground_truth: Any, 
     """
     settings = _common.resolve_settings(kwargs)
     _common.require_backend(settings)
-    item = _common.item_fields(ground_truth, solution_str)
+    item = _common.item_fields(ground_truth, solution_str, "ground_truth")
     if settings.mode == "service":
         from grape_rewards.client import RewardServiceError
 
@@ -73,4 +73,4 @@ async def compute_score(data_source: str, solution_str: str, ground_truth: Any, 
 
 def _score_in_process(settings: _common.AdapterSettings, item: dict[str, Any]) -> list[dict[str, float]]:
     """Load the scorer on first use (in a worker thread, off the event loop) and score one item."""
-    return _common.in_process(settings).score_dicts([item])
+    return _common.in_process(settings).score_dicts([item], "ground_truth")

@@ -60,9 +60,16 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of an index folder, with a clear error when it is not one."""
     folder = Path(path)
     manifest_file = folder / MANIFEST
+    if folder.is_file():
+        what = "the manifest file itself" if folder.name == MANIFEST else "a file"
+        raise IndexError_(f"index {folder}: expected the index folder (the one holding {MANIFEST}), got {what}; "
+                          f"pass its folder{f' ({folder.parent})' if folder.name == MANIFEST else ''}")
+    partial = folder.with_name(folder.name + ".partial")
+    hint = f" (an interrupted build is in {partial}: rerun the same build to resume)" if partial.exists() else ""
+    if not folder.exists():
+        raise IndexError_(f"index {folder}: no such folder; pass a folder written by 'grape-rewards index build'"
+                          f"{hint}")
     if not manifest_file.is_file():
-        partial = folder.with_name(folder.name + ".partial")
-        hint = f" (an interrupted build is in {partial}: rerun the same build to resume)" if partial.exists() else ""
         raise IndexError_(f"{folder} is not a grape-rewards index: {MANIFEST} is missing{hint}")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))

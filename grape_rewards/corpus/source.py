@@ -77,7 +77,8 @@ def read_image_folder(folder: str | Path) -> CorpusSource:
     """Every image file under ``folder`` (recursively, sorted); the id is the file name without extension."""
     root = Path(folder)
     if not root.is_dir():
-        raise CorpusSourceError(f"image folder {root} does not exist")
+        raise CorpusSourceError(f"image folder {root}: no such folder; pass a folder of image files "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
     ids, items, seen = [], [], {}
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         item_id = path.stem
@@ -108,7 +109,8 @@ def read_source_manifest(path: str | Path) -> CorpusSource:
     ``id,image`` or ``id,text``) manifest. Relative image paths are read from the manifest's folder."""
     path = Path(path)
     if not path.is_file():
-        raise CorpusSourceError(f"manifest {path} does not exist")
+        raise CorpusSourceError(f"source manifest {path}: no such file; pass a JSONL or CSV manifest "
+                                "(one item per line or row: an id and an image path or a text)")
     ids: list[str] = []
     items: list[str] = []
     seen: dict[str, int] = {}
@@ -146,4 +148,7 @@ def _manifest_records(path: Path) -> Iterable[tuple[int, dict]]:
 def read_source(path: str | Path) -> CorpusSource:
     """An image folder, or a ``.jsonl`` / ``.json`` / ``.csv`` manifest."""
     p = Path(path)
+    if not p.exists():
+        raise CorpusSourceError(f"corpus source {p}: no such file or folder; pass a folder of images, a JSONL/CSV "
+                                "of texts, or a source manifest (JSONL/CSV of ids with image paths or texts)")
     return read_image_folder(p) if p.is_dir() else read_source_manifest(p)

@@ -8,6 +8,10 @@ submissions), ``grape-rewards inflation-report`` (the report from scored JSONL f
     grape-rewards eval --benchmark cirr --root data/cirr --split test1 --retriever composed:open_clip:ViT-L-14/openai \\
         --rewrites grape=rewrites/cirr_test.jsonl --out results/cirr_test      # submissions only
 
+A CIRR submission the server would not take (a gallery under 51 images has no top 50 besides each reference)
+is refused on its own: the metrics are still written and printed, the reason goes to stderr, and the exit code
+is 1, since files that were asked for (``--write-submissions``, or the test split's only output) are missing.
+
 Nothing heavy is imported until a command runs.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                plot=not args.no_plot)
     print(report.to_markdown())
     print(json.dumps(files, indent=2))
+    refused = files.get("submissions_refused", {})
+    for reason in refused.values():
+        print(f"grape-rewards eval: {reason}", file=sys.stderr)
+    if refused:
+        print(f"grape-rewards eval: the metrics were written to {args.out}; {len(refused)} submission(s) were "
+              "refused (exit code 1)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -101,7 +113,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--num-workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--limit", type=int, help="only the first N labelled queries (a quick look)")
     p.add_argument("--write-submissions", action="store_true",
-                   help="CIRR: also write the server's submission files on a labelled split (always on test1)")
+                   help="CIRR: also write the server's submission files on a labelled split (always on test1); "
+                        "one the server would not take is refused with its reason (metrics still written, exit 1)")
     p.add_argument("--per-query", action="store_true", help="also write per_query.jsonl")
     p.add_argument("--no-plot", action="store_true", help="skip inflation.png (no matplotlib needed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

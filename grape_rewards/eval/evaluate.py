@@ -428,6 +428,11 @@ def write_eval_outputs(report: EvalReport, out_dir: str | Path, *, per_query: bo
     ``inflation.png`` (labelled splits, plus ``extra_distributions``, e.g. scored JSONL files);
     ``per_query.jsonl`` with ``per_query``; CIRR submissions ``submissions/<method>.<split>_recall.json``
     and ``..._recall_subset.json`` where they were ranked.
+
+    A submission the CIRR server would not take (e.g. a gallery of fewer than 51 images cannot give each query
+    its top 50 besides the reference) is refused on its own: the metrics and the other files are still written,
+    and the reason is logged and returned under ``files["submissions_refused"]`` (method name to reason), and
+    in ``metrics.json`` as the method's ``submissions_refused``.
     """
     from ..corpus.files import atomic_write_bytes, atomic_write_json
     from .inflation_report import write_inflation_report
@@ -438,17 +443,29 @@ def write_eval_outputs(report: EvalReport, out_dir: str | Path, *, per_query: bo
     files: dict[str, Any] = {"metrics_json": str(out / "metrics.json"), "metrics_md": str(out / "metrics.md")}
     result = report.to_dict()
     submissions: dict[str, list[str]] = {}
+    refused: dict[str, str] = {}
     for m in report.methods:
         if m.recall_ranked_ids is None or m.subset_ranked_ids is None:
             continue
         pairids = [int(q.query_id) if q.query_id.isdigit() else q.query_id for q in report.queries]
         prefix = out / "submissions" / f"{safe_name(m.name)}.{report.benchmark['split']}"
-        paths = write_cirr_submissions(prefix, pairids, m.recall_ranked_ids, m.subset_ranked_ids,
-                                       reference_ids=[q.reference_id for q in report.queries])
+        try:
+            paths = write_cirr_submissions(prefix, pairids, m.recall_ranked_ids, m.subset_ranked_ids,
+                                           reference_ids=[q.reference_id for q in report.queries])
+        except ValueError as exc:  # both files are built before either is written: none is left half-done
+            refused[m.name] = (f"CIRR submission of {m.name!r} not written: {exc}; the index holds "
+                               f"{report.index['count']} items, and the server takes each query's top "
+                               f"{CIRR_SUBMISSION_TOP_K['recall']} of the gallery besides its reference and top "
+                               f"{CIRR_SUBMISSION_TOP_K['recall_subset']} of its image set")
+            logger.warning("%s", refused[m.name])
+            result["methods"][m.name]["submissions_refused"] = refused[m.name]
+            continue
         submissions[m.name] = [str(p) for p in paths]
         result["methods"][m.name]["submissions"] = submissions[m.name]
     if submissions:
         files["submissions"] = submissions
+    if refused:
+        files["submissions_refused"] = refused
     dists = [*report.similarity_distributions(), *extra_distributions]
     if dists:
         title = f"{report.benchmark['name']} {report.benchmark['split']}"

@@ -44,6 +44,7 @@ from .protocol import (
     parse_retrieve,
     retrieve_response,
 )
+from .rejections import RejectionLog
 from .schema import (
     OpenRLHFRequest,
     OpenRLHFResponse,
@@ -85,6 +86,8 @@ class ServiceState:
         self.config = config
         self.scorer = scorer
         self.metrics = ServiceMetrics()
+        self.rejections = RejectionLog(logger)
+        """Each 4xx's reason at WARNING, rate-limited (a client such as OpenRLHF's may never read the body)."""
         self.batcher: MicroBatcher | None = None
         self.ready = False
         self.not_ready_reason = "starting: the index is not loaded yet"
@@ -294,8 +297,15 @@ class GuardMiddleware:
         """The POST routes, served here without the framework's routing and request objects (about half the
         per-request CPU, which on a small machine is taken from the device worker)."""
 
-    async def _serve_fast(self, handler: Callable[[bytes], Awaitable[bytes]], receive: Callable[[], Awaitable[dict]],
-                          send: Callable[[dict], Awaitable[None]]) -> None:
+    async def _reject(self, send: Callable[[dict], Awaitable[None]], path: str, status: int, message: str,
+                      headers: dict[str, str] | None = None) -> None:
+        """Answer ``status`` with ``{"detail": message}``; a 4xx's reason is also logged (rate-limited)."""
+        if 400 <= status < 500:
+            self.state.rejections.note(path, status, message)
+        await _send_problem(send, status, message, headers)
+
+    async def _serve_fast(self, handler: Callable[[bytes], Awaitable[bytes]], path: str,
+                          receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
         chunks = []
         while True:
             message = await receive()
@@ -308,10 +318,10 @@ class GuardMiddleware:
             body = await handler(b"".join(chunks))
         except RequestError as exc:
             self.state.metrics.rejected.labels(reason="too_large" if exc.status == 413 else "bad_request").inc()
-            await _send_problem(send, exc.status, exc.message)
+            await self._reject(send, path, exc.status, exc.message)
             return
         except HTTPProblem as exc:
-            await _send_problem(send, exc.status, exc.message, exc.headers)
+            await self._reject(send, path, exc.status, exc.message, exc.headers)
             return
         except Exception:
             await _send_problem(send, 500, internal_error("a POST route"))
@@ -348,18 +358,18 @@ class GuardMiddleware:
                     metrics.rejected.labels(reason="unauthorized").inc()
                     message = ("missing bearer token: send 'Authorization: Bearer <token>'" if not given
                                else "invalid bearer token")
-                    await _send_problem(send_wrapper, 401, message, {"WWW-Authenticate": "Bearer"})
+                    await self._reject(send_wrapper, path, 401, message, {"WWW-Authenticate": "Bearer"})
                     return
             length = headers.get(b"content-length")
             if length is not None:
                 try:
                     declared = int(length)
                 except ValueError:
-                    await _send_problem(send_wrapper, 400, "invalid Content-Length header")
+                    await self._reject(send_wrapper, path, 400, "invalid Content-Length header")
                     return
                 if declared > self.limit:
                     metrics.rejected.labels(reason="too_large").inc()
-                    await _send_problem(send_wrapper, 413, _too_large(declared, self.limit))
+                    await self._reject(send_wrapper, path, 413, _too_large(declared, self.limit))
                     return
             received = 0
             body_done = False
@@ -384,15 +394,15 @@ class GuardMiddleware:
             try:
                 handler = self.fast.get(path) if scope["method"] == "POST" else None
                 if handler is not None:
-                    await self._serve_fast(handler, receive_limited, send_wrapper)
+                    await self._serve_fast(handler, path, receive_limited, send_wrapper)
                 else:
                     await self.app(scope, receive_limited, send_wrapper)
             except RequestError as exc:  # the body was too large or too slow (raised while it was read)
                 if exc.status == 413:
                     metrics.rejected.labels(reason="too_large").inc()
                 if not started:
-                    await _send_problem(send_wrapper, exc.status, exc.message,
-                                        {"Connection": "close"} if exc.status == 408 else None)
+                    await self._reject(send_wrapper, path, exc.status, exc.message,
+                                       {"Connection": "close"} if exc.status == 408 else None)
         finally:
             metrics.requests_in_progress -= 1
             metrics.observe_request(endpoint, status, time.perf_counter() - start)
@@ -454,11 +464,14 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, exc: HTTPProblem) -> Response:
+        if 400 <= exc.status < 500:
+            state.rejections.note(request.url.path, exc.status, exc.message)
         return json_response({"detail": exc.message}, exc.status, exc.headers)
 
     @app.exception_handler(RequestError)
     async def _bad_request(request: Request, exc: RequestError) -> Response:
         state.metrics.rejected.labels(reason="too_large" if exc.status == 413 else "bad_request").inc()
+        state.rejections.note(request.url.path, exc.status, exc.message)
         return json_response({"detail": exc.message}, exc.status)
 
     @app.exception_handler(Exception)
