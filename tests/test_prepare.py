@@ -203,3 +203,62 @@ def test_trl_dataset_loads(zh_out: Path, cirr_out: Path) -> None:
     messages = prepare_multimodal_messages(vlm[0]["prompt"], images=vlm[0]["images"])  # what GRPOTrainer does
     assert messages[1]["content"][0] == {"type": "image", "image": vlm[0]["images"][0]}
     assert parse_label(vlm[0]["grape_label"]).reference_id == IMAGES[0]
+
+
+# -- the text-retrieval task -----------------------------------------------------------------------------------
+def tiny_text_index(folder: Path, text_encoder_dir: Path) -> Path:
+    """Three captions embedded by the tiny text encoder (an index of a text corpus)."""
+    from grape_rewards.corpus import build_index, read_source
+    from grape_rewards.retrievers import create_retriever
+
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"cap00{i}", "text": t}) + "\n" for i, t in
+                              enumerate(["a dog in a park", "a waiter pours wine", "two players shake hands"])))
+    retriever = create_retriever(f"text:{text_encoder_dir}", device="cpu")
+    build_index(read_source(corpus), retriever, folder / "index", progress=False)
+    return folder / "index"
+
+
+def test_a_text_index_picks_the_text_task(tmp_path: Path, text_encoder_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    index = tiny_text_index(tmp_path, text_encoder_dir)
+    src = tmp_path / "queries.jsonl"
+    src.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in ZH_QUERIES[:2]), encoding="utf-8")
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--queries", str(src), "--index", str(index), "--language", "zh", "--format", "trl",
+                 "--out", str(out)]) == 0
+    rows = read_jsonl(out / "trl" / "train.jsonl")
+    assert [r["task"] for r in rows] == ["text", "text"]
+    system, user = rows[0]["prompt"][0]["content"], rows[0]["prompt"][1]["content"]
+    assert "text retriever" in system and "image" not in system and "CLIP" not in system
+    assert user == "Query (Chinese):\n一只棕色的狗在公园里接飞盘"
+
+    # rows that name an image task take the text task on a text corpus; an explicit image --task is refused
+    src.write_text(json.dumps({**ZH_QUERIES[0], "task": "multilingual"}, ensure_ascii=False) + "\n")
+    assert main(["prepare", "--queries", str(src), "--index", str(index), "--format", "trl", "--out",
+                 str(tmp_path / "p2")]) == 0
+    assert read_jsonl(tmp_path / "p2" / "trl" / "train.jsonl")[0]["task"] == "text"
+    assert main(["prepare", "--queries", str(src), "--index", str(index), "--task", "multilingual", "--out",
+                 str(tmp_path / "p3")]) == 2
+    assert "--task multilingual does not fit" in capsys.readouterr().err and not (tmp_path / "p3").exists()
+
+
+def test_the_text_task_is_selectable_without_an_index(tmp_path: Path) -> None:
+    src = tmp_path / "queries.jsonl"
+    src.write_text(json.dumps(ZH_QUERIES[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["prepare", "--queries", str(src), "--task", "text", "--format", "openrlhf", "--out",
+                 str(tmp_path / "p")]) == 0
+    row = read_jsonl(tmp_path / "p" / "openrlhf" / "train.jsonl")[0]
+    assert "text retriever" in row["prompt"][0]["content"]
+
+
+def test_tasks_for_modality_refuses_what_the_corpus_cannot_hold() -> None:
+    from grape_rewards.prepare.rows import tasks_for_modality
+
+    composed = TrainingQuery("c", "make it blue", ("img_1",), task="composed", reference_id="img_0")
+    with pytest.raises(ValueError, match="composed .* text corpus"):
+        tasks_for_modality([composed], "text")
+    with pytest.raises(ValueError, match="'text' task, but the index embeds images"):
+        tasks_for_modality([TrainingQuery("t", "a dog", ("img_1",), task="text")], "image")
+    longform = TrainingQuery("l", "a long passage", ("img_1",), task="longform")
+    assert tasks_for_modality([longform], "image") == [longform]

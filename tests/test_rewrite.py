@@ -40,7 +40,7 @@ from grape_rewards.rewrite import (
 # --------------------------------------------------------------------------------------------- prompts
 
 
-@pytest.mark.parametrize("task", ["multilingual", "longform", "composed"])
+@pytest.mark.parametrize("task", ["multilingual", "longform", "composed", "text"])
 def test_prompts_ask_for_answer_tags(task: str) -> None:
     messages = build_messages(task, "  some query  ", language="ja")
     assert [m["role"] for m in messages] == ["system", "user"]
@@ -61,6 +61,14 @@ def test_prompt_details() -> None:
     assert merged[0]["content"][1]["text"].startswith(TASK_PROMPTS["composed"].system)
     with pytest.raises(ValueError, match="empty"):
         build_messages("longform", "   ")
+
+
+def test_text_task_prompt_is_for_a_text_retriever() -> None:
+    system, user = (m["content"] for m in build_messages("text", "那个体育比赛结束时礼貌的时刻", language="zh"))
+    assert "text retriever" in system and "passage" in system
+    assert "image" not in system.replace("<answer>", "") and "CLIP" not in system
+    assert user == "Query (Chinese):\n那个体育比赛结束时礼貌的时刻"
+    assert build_messages("text", "a dog")[1]["content"] == "Query (the original language):\na dog"
 
 
 def test_openai_messages_embed_the_image(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from grape_rewards.alarms import ALARM_KEYS
 from grape_rewards.cli import main
 from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, build_index, corpus_rank
+from grape_rewards.demo import preference, top_candidates
 from grape_rewards.retrievers import ComposedRetriever
 from grape_rewards.rewards import RewardConfig, sample_keys
 from grape_rewards.scorer import ItemError, RewardItem, RewardScorer
@@ -149,12 +150,28 @@ def test_composed_reference_fusion(tmp_path, tiny_open_clip, images):
         scorer.score([RewardItem(rewrite="make it blue", target_ids=[target])])
 
 
+def test_demo_names_every_rewrite_tied_at_the_top():
+    rewrites = ["A brown dog catching a frisbee.", "Dog, frisbee, park, ball.", "A dog on a beach.", "A dog."]
+    tie = preference("rank reward", rewrites, [1.0, 1.0, 1.0, 0.43])
+    assert tie == ("rank reward: tie at 1.000 between 'A brown dog catching a frisbee.', 'Dog, frisbee, park, "
+                   "ball.', 'A dog on a beach.'")
+    assert "prefers" not in tie
+    assert preference("rank reward", rewrites, [1.0, 0.63, 0.5, 0.43]) == \
+        "rank reward prefers: A brown dog catching a frisbee."
+    assert top_candidates([0.2, 0.9, 0.9]) == [1, 2]
+
+
 @pytest.mark.slow
 def test_cli_demo_ranks_the_english_rewrite_above_the_chinese_original(capsys, tmp_path):
     assert main(["demo", "--device", "cpu", "--json", str(tmp_path / "demo.json")]) == 0
     printed = capsys.readouterr().out
-    assert "Chinese query" in printed and "rank reward prefers" in printed
+    assert "Chinese query" in printed
     rows = json.loads((tmp_path / "demo.json").read_text())
+    for query_id in dict.fromkeys(r["query_id"] for r in rows):  # each group's verdict names every tied rewrite
+        group = [r for r in rows if r["query_id"] == query_id and r["candidate"] > 0]
+        top = [r for r in group if r["rank_reward"] == max(g["rank_reward"] for g in group)]
+        expected = preference("rank reward", [r["text"] for r in group], [r["rank_reward"] for r in group])
+        assert ("tie at" in expected) == (len(top) > 1) and "   " + expected + "\n" in printed
     zh = [r for r in rows if r["query_id"] == "zh-frisbee"]
     original, english = zh[0], zh[1]
     assert english["rank"] < original["rank"]

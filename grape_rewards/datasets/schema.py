@@ -17,11 +17,14 @@ from typing import Any, Literal, TypeVar
 
 from ..jsonl import jsonl_objects
 
-Task = Literal["multilingual", "longform", "composed"]
+Task = Literal["multilingual", "longform", "composed", "text"]
 """``multilingual``: non-English caption -> image; ``longform``: long text -> image;
-``composed``: reference image + modification text -> image."""
+``composed``: reference image + modification text -> image; ``text``: any query -> a text passage (a text retriever's
+corpus)."""
 
-TASKS: tuple[str, ...] = ("multilingual", "longform", "composed")
+TASKS: tuple[str, ...] = ("multilingual", "longform", "composed", "text")
+IMAGE_TASKS: tuple[str, ...] = ("multilingual", "longform", "composed")
+"""The tasks whose corpus is images (their prompts ask for a CLIP caption)."""
 
 PathLike = str | Path
 

@@ -68,6 +68,31 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
     return [(r - mean) / (std + 1e-9) for r in rewards]
 
 
+def top_candidates(rewards: Sequence[float]) -> list[int]:
+    """The positions of every candidate at the group's highest reward (several when they tie exactly).
+
+    >>> top_candidates([0.5, 1.0, 1.0]), top_candidates([0.2, 0.1])
+    ([1, 2], [0])
+    """
+    best = max(rewards)
+    return [j for j, r in enumerate(rewards) if r == best]
+
+
+def preference(name: str, candidates: Sequence[str], rewards: Sequence[float]) -> str:
+    """The line saying which candidate a reward prefers, or, when several share its highest value, that they tie.
+
+    >>> preference("rank reward", ["a dog", "a cat"], [1.0, 0.5])
+    'rank reward prefers: a dog'
+    >>> preference("rank reward", ["a dog", "dog, park, ball, grass", "a cat"], [1.0, 1.0, 0.5])
+    "rank reward: tie at 1.000 between 'a dog', 'dog, park, ball, grass'"
+    """
+    top = top_candidates(rewards)
+    if len(top) == 1:
+        return f"{name} prefers: {_cut(candidates[top[0]], 60)}"
+    tied = ", ".join(f"'{_cut(candidates[j], 40)}'" for j in top)
+    return f"{name}: tie at {rewards[top[0]]:.3f} between {tied}"
+
+
 def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
@@ -142,11 +167,11 @@ def run_demo(
                          "margin": r["margin"], "mean_sim": r["mean_sim"], "target_sim": r["target_sim"],
                          "advantage_rank": adv_rank[j - 1] if j else None,
                          "advantage_similarity": adv_sim[j - 1] if j else None})
-        best_rank = max(range(1, len(group)), key=lambda j: ranked[j]["reward"])
-        best_sim = max(range(1, len(group)), key=lambda j: sims[j]["reward"])
-        print(f"   rank reward prefers: {_cut(group[best_rank], 60)}", file=out)
-        if best_sim != best_rank:
-            print(f"   similarity reward prefers: {_cut(group[best_sim], 60)}", file=out)
+        rank_rewards = [r["reward"] for r in ranked[1:]]
+        sim_rewards = [s["reward"] for s in sims[1:]]
+        print("   " + preference("rank reward", group[1:], rank_rewards), file=out)
+        if top_candidates(sim_rewards) != top_candidates(rank_rewards):
+            print("   " + preference("similarity reward", group[1:], sim_rewards), file=out)
         rank1 = [k for k in range(1, len(group)) if ranked[k]["rank"] == 1]
         if rank1:
             weakest = min(sims[k]["reward"] for k in rank1)

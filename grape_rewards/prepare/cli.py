@@ -3,6 +3,7 @@
     grape-rewards prepare --benchmark cirr --root /data/cirr --split train --out data/cirr
     grape-rewards prepare --benchmark flickr30k-cn --root /data/flickr30k-cn --split train --out data/f30k-cn
     grape-rewards prepare --queries my_queries.jsonl --task longform --out data/mine
+    grape-rewards prepare --queries my_queries.jsonl --index index/ --out data/mine   # task from the index's corpus
 
 writes ``OUT/openrlhf/<split>.jsonl``, ``OUT/verl/<split>.parquet`` and ``OUT/trl/<split>.jsonl`` (``--format``
 picks). Queries without known targets (hidden test labels) are left out.
@@ -27,9 +28,22 @@ def _loader_args(pairs: list[str]) -> dict[str, object]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .rows import queries_from_benchmark, read_queries_jsonl, with_targets
+    from ..datasets.schema import IMAGE_TASKS
+    from .rows import (
+        default_task,
+        index_modality,
+        queries_from_benchmark,
+        read_queries_jsonl,
+        tasks_for_modality,
+        with_targets,
+    )
     from .write import FORMATS, write_training_data
 
+    modality = index_modality(args.index) if args.index else None
+    if modality is not None and args.task is not None and (args.task in IMAGE_TASKS) != (modality == "image"):
+        raise ValueError(f"--task {args.task} does not fit {args.index}, an index of a {modality} corpus: "
+                         f"use {'one of ' + ', '.join(IMAGE_TASKS) if modality == 'image' else 'text'}, or leave "
+                         "--task out")
     formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else list(FORMATS)
     if args.benchmark:
         from ..datasets import load_benchmark
@@ -40,8 +54,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         queries = queries_from_benchmark(benchmark, images=args.images is not False)
         split, data_source = benchmark.split, args.data_source or f"grape_{args.benchmark}"
     else:
-        queries = read_queries_jsonl(args.queries, task=args.task, language=args.language, split=args.split)
+        queries = read_queries_jsonl(args.queries, task=args.task or default_task(modality), language=args.language,
+                                     split=args.split)
         split, data_source = args.split, args.data_source or "grape"
+    if modality is not None:
+        queries = tasks_for_modality(queries, modality)
     queries, dropped = with_targets(queries)
     if args.limit is not None:
         queries = queries[: args.limit]
@@ -69,7 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="show the reference image to the policy (VLM rows; default: when every query has one)")
     p.add_argument("--no-system", action="store_true",
                    help="fold the system message into the user turn (chat templates without a system role)")
-    p.add_argument("--task", choices=["multilingual", "longform", "composed"], help="--queries: rows' default task")
+    p.add_argument("--task", choices=["multilingual", "longform", "composed", "text"],
+                   help="--queries: rows' default task (text: a text retriever's corpus; default: from --index)")
+    p.add_argument("--index", help="the index the rewards rank: its corpus modality picks the prompts (a text "
+                                   "corpus: the text task, for every query)")
     p.add_argument("--language", help="--queries: rows' default language code (zh, ja ...)")
     p.add_argument("--data-source", help="verl data_source / OpenRLHF datasource (default grape_<benchmark>)")
     p.add_argument("--limit", type=int, help="write at most this many queries")

@@ -18,6 +18,7 @@ of :mod:`grape_rewards.labels`), which passes through every ``datasets`` version
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..datasets.schema import TASKS, Query
+from ..datasets.schema import IMAGE_TASKS, TASKS, Query
 
 ABILITY = "query_rewrite"
 """verl's ``ability`` column."""
@@ -186,7 +187,8 @@ def read_queries_jsonl(path: str | Path, task: str | None = None, language: str 
                 raise ValueError("missing 'text' (the query)")
             row_task = row.get("task") or task
             if row_task is None:
-                raise ValueError("no 'task' in the row; pass --task multilingual|longform|composed")
+                raise ValueError("no 'task' in the row; pass --task multilingual|longform|composed|text, or "
+                                 "--index (a text corpus implies text)")
             image = row.get("reference_image")
             if image is not None and not Path(str(image)).is_absolute():
                 image = str((path.parent / str(image)).resolve())
@@ -209,6 +211,51 @@ def queries_from_benchmark(benchmark: Any, images: bool = True) -> list[Training
 
         paths = reference_images(benchmark)
     return [TrainingQuery.from_query(q, paths) for q in queries]
+
+
+def index_modality(index_dir: str | Path) -> str:
+    """What the corpus of an index folder holds, ``image`` or ``text``, from its manifest (nothing else is loaded)."""
+    from ..corpus.index import read_manifest
+
+    manifest = read_manifest(index_dir)
+    modality = manifest.get("modality", manifest.get("retriever", {}).get("corpus_modality"))
+    if modality not in ("image", "text"):
+        raise ValueError(f"{index_dir}: the index manifest records no corpus modality (image or text)")
+    return str(modality)
+
+
+def default_task(modality: str | None) -> str | None:
+    """The task of queries that name none, for a corpus of ``modality``: ``text`` for a text corpus, else none
+    (an image corpus has three tasks, so it must be chosen).
+
+    >>> default_task("text"), default_task("image"), default_task(None)
+    ('text', None, None)
+    """
+    return "text" if modality == "text" else None
+
+
+def tasks_for_modality(queries: Iterable[TrainingQuery], modality: str) -> list[TrainingQuery]:
+    """The queries with tasks whose prompts fit a corpus of ``modality``.
+
+    On a text corpus, the image tasks' queries (``multilingual``, ``longform``) take the ``text`` task, whose prompt
+    asks for a search query for a passage rather than a CLIP caption; a ``composed`` query (a reference image) is
+    refused. On an image corpus, a ``text`` query is refused.
+
+    >>> [q.task for q in tasks_for_modality([TrainingQuery("q1", "一只狗", ("c1",), language="zh")], "text")]
+    ['text']
+    """
+    out = []
+    for query in queries:
+        if modality == "text" and query.task in IMAGE_TASKS:
+            if query.task == "composed":
+                raise ValueError(f"query {query.query_id!r} is a composed (reference image) query, but the index "
+                                 "embeds a text corpus")
+            query = dataclasses.replace(query, task="text")
+        elif modality == "image" and query.task not in IMAGE_TASKS:
+            raise ValueError(f"query {query.query_id!r} has the {query.task!r} task, but the index embeds images: "
+                             f"use one of {', '.join(IMAGE_TASKS)}")
+        out.append(query)
+    return out
 
 
 def with_targets(queries: Iterable[TrainingQuery]) -> tuple[list[TrainingQuery], int]:

@@ -93,8 +93,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", required=True, help="model name or folder (transformers, vllm) or served model name "
                                                   "(openai)")
     p.add_argument("--model-name", help="what the 'model' field records (default: --model)")
-    p.add_argument("--task", choices=["multilingual", "longform", "composed"],
-                   help="prompt template (default: each query's task)")
+    p.add_argument("--task", choices=["multilingual", "longform", "composed", "text"],
+                   help="prompt template (default: each query's task; text: for a text retriever's corpus)")
     p.add_argument("--images", dest="images", action="store_true", default=None,
                    help="attach the reference image (composed tasks; the default there): needs a vision-language "
                         "model")

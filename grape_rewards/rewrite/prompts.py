@@ -1,10 +1,13 @@
 """Prompt templates of the query-rewriting task, one per benchmark task, as chat messages.
 
-The rewriter reads a query that a frozen CLIP retriever handles badly and writes one it handles well:
+The rewriter reads a query that a frozen retriever (CLIP, or a text embedder) handles badly and writes one it
+handles well:
 
 - ``multilingual``: a non-English caption -> an English, CLIP-style caption of the same image;
 - ``longform``: a long passage -> a concise caption that fits a 77-token text encoder;
-- ``composed``: a reference image + a modification text -> a description of the target image.
+- ``composed``: a reference image + a modification text -> a description of the target image;
+- ``text``: a query for a text retriever (any language, long or vague) -> a concise English search query for the
+  passage it looks for (the task of a text corpus).
 
 Every template asks for the rewrite inside ``<answer></answer>`` tags, which
 :func:`grape_rewards.rewards.extract_rewrite` reads back. The same messages serve evaluation
@@ -78,6 +81,15 @@ TASK_PROMPTS: dict[str, TaskPrompt] = {
         user="The reference image is not shown; infer what you can from the text.\nModification: {query}",
         user_with_image="Reference image above.\nModification: {query}",
     ),
+    "text": TaskPrompt(
+        system=("You rewrite search queries for a text retriever, a sentence-embedding model that ranks a corpus "
+                "of short English text passages by their similarity to the query. Given a query that may be in "
+                "another language, long and rambling, or vague, write one short, specific English sentence saying "
+                "what the passage it looks for says: its main subject, the action or facts, and the setting, in "
+                "the words such a passage would use. Keep every detail the query gives; add nothing that is not "
+                "in it. " + _FORMAT),
+        user="Query ({language}):\n{query}",
+    ),
 }
 """Task name -> its templates (the tasks of :data:`grape_rewards.datasets.TASKS`)."""
 
@@ -98,9 +110,9 @@ def build_messages(task: str, query_text: str, language: str | None = None,
     """The chat messages asking the rewriter to rewrite ``query_text`` for ``task``.
 
     Args:
-        task: ``multilingual``, ``longform`` or ``composed`` (keys of :data:`TASK_PROMPTS`).
+        task: ``multilingual``, ``longform``, ``composed`` or ``text`` (keys of :data:`TASK_PROMPTS`).
         query_text: the query (for ``composed``, the modification text).
-        language: the query's language code (``zh``, ``ja`` ...), named in the multilingual prompt.
+        language: the query's language code (``zh``, ``ja`` ...), named in the multilingual and text prompts.
         with_image: put an image part before the text of the user message (the reference image of a
             composed query); the caller supplies the image itself to its backend.
 
@@ -112,7 +124,7 @@ def build_messages(task: str, query_text: str, language: str | None = None,
     >>> build_messages("captioning", "x")
     Traceback (most recent call last):
     ...
-    ValueError: unknown rewrite task 'captioning'; known: multilingual, longform, composed
+    ValueError: unknown rewrite task 'captioning'; known: multilingual, longform, composed, text
     """
     if task not in TASK_PROMPTS:
         raise ValueError(f"unknown rewrite task {task!r}; known: {', '.join(TASK_PROMPTS)}")
