@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -223,16 +225,17 @@ def test_outage_raises_a_clear_error(rows: list[dict[str, Any]]) -> None:
         asyncio.run(fn(data_source="d", solution_str="a dog", ground_truth=rows[0]["reward_model"]["ground_truth"]))
 
 
-def test_check_without_datasets_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    """verl's trainer imports HF datasets: without it, the check says which pip command adds it."""
+def test_check_without_datasets_names_the_pip_command() -> None:
+    """verl's trainer imports HF datasets: without it, the check says which pip command adds it. Run in a fresh
+    interpreter with ``datasets`` blocked (in this one, earlier tests may have imported the verl modules that
+    import it, and a cached module does not import it again)."""
     require("verl", "hydra")
-    from grape_rewards.adapters.checks import CheckError
-
-    monkeypatch.setitem(sys.modules, "datasets", None)  # an import of datasets fails, as when it is not installed
-    for name in [m for m in sys.modules if m == "verl.trainer.ppo.utils"]:
-        monkeypatch.delitem(sys.modules, name)
-    with pytest.raises(CheckError, match=r"needs 'datasets'.*pip install 'grape-rewards\[verl\]'"):
-        compose(base_overrides() + reward_overrides("pkg://grape_rewards.adapters.verl", url="http://127.0.0.1:1"))
+    code = ("import sys\nsys.modules['datasets'] = None  # an import of datasets fails, as when it is not installed\n"
+            "from grape_rewards.adapters.checks import CheckError, compose_verl_config\n"
+            "try:\n    compose_verl_config([])\nexcept CheckError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"needs 'datasets'.*pip install 'grape-rewards\[verl\]'", out.stdout), out.stdout
 
 
 def test_no_backend_and_bad_ground_truth(clean_env: pytest.MonkeyPatch) -> None:
