@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .alarms import ALARM_KEYS
-from .corpus.index import CorpusIndex, IndexError_
+from .corpus.index import CorpusIndex, CorpusIndexError
 from .retrievers.base import Retriever
 from .rewards.composite import ensemble_rank_part, sample_keys, score_sample
 from .rewards.config import AlarmConfig, RewardConfig
@@ -51,8 +51,8 @@ class EnsembleScorer(RewardScorer):
         for index in indexes[1:]:
             differ = first.symmetric_difference(index.ids)
             if differ:
-                raise IndexError_(f"indexes {indexes[0].name} and {index.name} do not hold the same ids (e.g. "
-                                  f"{min(differ)!r} is in one only); an ensemble ranks one corpus")
+                raise CorpusIndexError(f"indexes {indexes[0].name} and {index.name} do not hold the same ids (e.g. "
+                                       f"{min(differ)!r} is in one only); an ensemble ranks one corpus")
         quiet = config.model_copy(update={"alarms": AlarmConfig(enabled=False)})
         self.members = [RewardScorer(r, i, quiet, **scorer_options) for r, i in zip(retrievers[1:], indexes[1:])]
         """The scorers of the other retrievers (the alarms watch only the ensemble's samples)."""

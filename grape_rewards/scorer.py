@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .alarms import ALARM_KEYS, AlarmMonitor
-from .corpus.index import CorpusIndex, IndexError_, UnknownIdError, read_manifest
+from .corpus.index import CorpusIndex, CorpusIndexError, UnknownIdError, read_manifest
 from .corpus.rank import default_chunk_elements
 from .devices import to_device
 from .jsonl import json_kind
@@ -209,7 +209,7 @@ def load_retriever_and_index(index_dir: str | Path, retriever: str | Retriever |
 
         spec = retriever or read_manifest(index_dir).get("retriever", {}).get("spec")
         if not spec:
-            raise IndexError_(f"index {index_dir} does not name its retriever; pass one (--retriever)")
+            raise CorpusIndexError(f"index {index_dir} does not name its retriever; pass one (--retriever)")
         retriever = create_retriever(spec, **retriever_overrides)
     index = CorpusIndex.load(index_dir, device=retriever.device, expected_fingerprint=retriever.fingerprint,
                              expected_spec=retriever.spec)
@@ -234,13 +234,13 @@ class RewardScorer:
                  encode_batch_size: int = 256, cache_bytes: int | None = 512 * 1024 * 1024,
                  max_text_chars: int = 20000) -> None:
         if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
-            raise IndexError_(
+            raise CorpusIndexError(
                 f"index {index.name} was built with retriever {index.manifest['retriever'].get('spec')!r} "
                 f"(fingerprint {index.fingerprint}), not {retriever.spec!r} (fingerprint {retriever.fingerprint}); "
                 "mismatched embeddings give meaningless rewards")
         if index.dim != retriever.dim:
-            raise IndexError_(f"index {index.name} holds {index.dim}-d embeddings, {retriever.spec!r} makes "
-                              f"{retriever.dim}-d ones")
+            raise CorpusIndexError(f"index {index.name} holds {index.dim}-d embeddings, {retriever.spec!r} makes "
+                                   f"{retriever.dim}-d ones")
         self.retriever = retriever
         self.index = index
         self.config = config or RewardConfig()

@@ -15,9 +15,9 @@ import torch
 
 from grape_rewards.corpus import (
     CorpusIndex,
+    CorpusIndexError,
     CorpusSource,
     CorpusSourceError,
-    IndexError_,
     UnknownIdError,
     build_index,
     read_source,
@@ -75,7 +75,7 @@ def test_interrupted_build_resumes_identically(tmp_path, minilm, monkeypatch):
         build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False,
                     on_shard=kill_after_two)
     assert not (tmp_path / "idx").exists()
-    with pytest.raises(IndexError_, match="rerun the same build to resume"):
+    with pytest.raises(CorpusIndexError, match="rerun the same build to resume"):
         CorpusIndex.load(tmp_path / "idx")
     encoded: list[int] = []
     real = minilm.encode_texts
@@ -118,14 +118,14 @@ def test_killed_process_resumes(tmp_path):
 def test_checksum_and_fingerprint_are_enforced(tmp_path, minilm, tiny_open_clip):
     build_index(text_source(tmp_path, 6), minilm, tmp_path / "idx", progress=False)
     CorpusIndex.load(tmp_path / "idx", expected_fingerprint=minilm.fingerprint)
-    with pytest.raises(IndexError_, match="built with retriever 'text:all-MiniLM-L6-v2'.*meaningless"):
+    with pytest.raises(CorpusIndexError, match="built with retriever 'text:all-MiniLM-L6-v2'.*meaningless"):
         CorpusIndex.load(tmp_path / "idx", expected_fingerprint=tiny_open_clip.fingerprint,
                          expected_spec=tiny_open_clip.spec)
     emb = tmp_path / "idx" / "embeddings.safetensors"
     data = bytearray(emb.read_bytes())
     data[-1] ^= 0xFF
     emb.write_bytes(bytes(data))
-    with pytest.raises(IndexError_, match="checksum of embeddings.safetensors does not match"):
+    with pytest.raises(CorpusIndexError, match="checksum of embeddings.safetensors does not match"):
         CorpusIndex.load(tmp_path / "idx")
 
 
@@ -181,11 +181,11 @@ def test_missing_source_and_index_path_say_what_was_expected(tmp_path):
         read_source(tmp_path / "images")
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "manifest.json").write_text("{}")
-    with pytest.raises(IndexError_, match=r"expected the index folder \(the one holding manifest.json\), got the "
+    with pytest.raises(CorpusIndexError, match=r"expected the index folder \(the one holding manifest.json\), got the "
                                           r"manifest file itself; pass its folder") as info:
         CorpusIndex.load(tmp_path / "idx" / "manifest.json")
     assert str(tmp_path / "idx") in str(info.value)
-    with pytest.raises(IndexError_, match="no such folder; pass a folder written by 'grape-rewards index build'"):
+    with pytest.raises(CorpusIndexError, match="no such folder; pass a folder written by 'grape-rewards index build'"):
         CorpusIndex.load(tmp_path / "gone")
 
 
@@ -313,7 +313,7 @@ def test_a_damaged_index_with_matching_checksums_is_refused_in_one_line(tmp_path
     if damage != "manifest_list":
         manifest["checksums"] = {"embeddings.safetensors": sha256_file(emb_file), "ids.json": sha256_file(ids_file)}
         atomic_write_json(manifest_file, manifest)
-    with pytest.raises(IndexError_, match=message) as info:
+    with pytest.raises(CorpusIndexError, match=message) as info:
         CorpusIndex.load(folder)
     assert "\n" not in str(info.value)
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from grape_rewards.cli import main as cli_main
-from grape_rewards.corpus import CorpusIndex, IndexError_, build_index, read_source
+from grape_rewards.corpus import CorpusIndex, CorpusIndexError, build_index, read_source
 from grape_rewards.demo import data_path
 from grape_rewards.ensemble import EnsembleScorer, retriever_keys
 from grape_rewards.retrievers import Retriever, create_retriever
@@ -89,7 +89,7 @@ def test_rank_part_is_the_mean_or_min_of_the_single_scorers(retrievers: dict[str
 def test_ensemble_needs_the_same_ids(retrievers: dict[str, Retriever], indexes: dict[str, Path],
                                      tmp_path: Path) -> None:
     fewer = build(retrievers["tiny_random"], tmp_path / "fewer", CAPTIONS[:-1])
-    with pytest.raises(IndexError_, match=f"'{CAPTIONS[-1]['id']}' is in one only"):
+    with pytest.raises(CorpusIndexError, match=f"'{CAPTIONS[-1]['id']}' is in one only"):
         EnsembleScorer([retrievers["tiny_bert"], retrievers["tiny_random"]],
                        [CorpusIndex.load(indexes["tiny_bert"]), CorpusIndex.load(fewer)])
     with pytest.raises(ValueError, match="two or more retrievers"):

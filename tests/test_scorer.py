@@ -11,7 +11,7 @@ import torch
 
 from grape_rewards.alarms import ALARM_KEYS
 from grape_rewards.cli import main
-from grape_rewards.corpus import CorpusIndex, CorpusSource, IndexError_, build_index, corpus_rank
+from grape_rewards.corpus import CorpusIndex, CorpusIndexError, CorpusSource, build_index, corpus_rank
 from grape_rewards.demo import preference, top_candidates
 from grape_rewards.retrievers import ComposedRetriever
 from grape_rewards.rewards import RewardConfig, sample_keys
@@ -130,7 +130,7 @@ def test_thread_safety(minilm, text_index, monkeypatch):
 
 
 def test_mismatched_retriever_is_refused(tiny_open_clip, text_index):
-    with pytest.raises(IndexError_, match="mismatched embeddings"):
+    with pytest.raises(CorpusIndexError, match="mismatched embeddings"):
         RewardScorer(tiny_open_clip, text_index)
 
 

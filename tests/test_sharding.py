@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from grape_rewards import __version__
 from grape_rewards.cli import main as cli_main
-from grape_rewards.corpus import CorpusIndex, IndexError_, UnknownIdError, build_index, read_source
+from grape_rewards.corpus import CorpusIndex, CorpusIndexError, UnknownIdError, build_index, read_source
 from grape_rewards.corpus.files import atomic_write_json, sha256_file
 from grape_rewards.corpus.index import EMBEDDINGS, IDS, INDEX_FORMAT, INDEX_VERSION, MANIFEST
 from grape_rewards.demo import data_path
@@ -126,13 +126,13 @@ def test_shard_refusals(tmp_path: Path) -> None:
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a sharded index"):
         shard_index(parent, tmp_path / "other", 2)
-    with pytest.raises(IndexError_, match="itself shard"):
+    with pytest.raises(CorpusIndexError, match="itself shard"):
         shard_index(tmp_path / "s" / "shard-000-of-003", tmp_path / "s2", 2)
-    with pytest.raises(IndexError_, match="unsharded index"):
+    with pytest.raises(CorpusIndexError, match="unsharded index"):
         read_shard_set(parent)
     corrupt = write_random_index(tmp_path / "corrupt", 10)
     (corrupt / IDS).write_text(json.dumps([f"x{i}" for i in range(10)]))
-    with pytest.raises(IndexError_, match="checksum of ids.json"):
+    with pytest.raises(CorpusIndexError, match="checksum of ids.json"):
         shard_index(corrupt, tmp_path / "s3", 2)
 
 
@@ -140,10 +140,10 @@ def test_a_missing_or_foreign_shard_is_refused(tmp_path: Path) -> None:
     shard_index(write_random_index(tmp_path / "a", 40, seed=1), tmp_path / "sa", 3)
     shard_index(write_random_index(tmp_path / "b", 40, seed=2), tmp_path / "sb", 3)
     shutil.rmtree(tmp_path / "sa" / "shard-001-of-003")
-    with pytest.raises(IndexError_, match="shard 1 of 3 is missing"):
+    with pytest.raises(CorpusIndexError, match="shard 1 of 3 is missing"):
         ShardedIndex.load(tmp_path / "sa")
     shutil.copytree(tmp_path / "sb" / "shard-001-of-003", tmp_path / "sa" / "shard-001-of-003")
-    with pytest.raises(IndexError_, match="comes from another index"):
+    with pytest.raises(CorpusIndexError, match="comes from another index"):
         ShardedIndex.load(tmp_path / "sa")
 
 
@@ -294,5 +294,5 @@ def test_reward_scorer_over_shards_gives_identical_samples(minilm: TextEmbedder,
     assert scorer.score(items) == reference.score(items)
     with pytest.raises(ItemError, match="items.0.: unknown corpus id 'missing'"):
         scorer.validate([RewardItem(rewrite="x", target_ids=["missing"])])
-    with pytest.raises(IndexError_, match="unsharded index"):
+    with pytest.raises(CorpusIndexError, match="unsharded index"):
         load_sharded_scorer(ServeConfig(index=str(caption_index), device="cpu"))

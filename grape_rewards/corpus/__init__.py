@@ -1,7 +1,7 @@
 """The embedded corpus: sources, resumable index builds, loading with checks, exact rank and top-k search."""
 
 from .build import build_index, index_info
-from .index import CorpusIndex, IndexError_, UnknownIdError, read_manifest
+from .index import CorpusIndex, CorpusIndexError, UnknownIdError, read_manifest
 from .rank import (
     CUDA_CHUNK_ELEMENTS,
     DEFAULT_CHUNK_ELEMENTS,
@@ -23,9 +23,9 @@ __all__ = [
     "CUDA_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_ELEMENTS",
     "CorpusIndex",
+    "CorpusIndexError",
     "CorpusSource",
     "CorpusSourceError",
-    "IndexError_",
     "RankStats",
     "ScanCounts",
     "UnknownIdError",

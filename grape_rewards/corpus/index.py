@@ -29,7 +29,7 @@ EMBEDDINGS = "embeddings.safetensors"
 IDS = "ids.json"
 
 
-class IndexError_(RuntimeError):
+class CorpusIndexError(RuntimeError):
     """An index folder that cannot be used as asked; the message says why and what to do."""
 
 
@@ -62,37 +62,38 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     manifest_file = folder / MANIFEST
     if folder.is_file():
         what = "the manifest file itself" if folder.name == MANIFEST else "a file"
-        raise IndexError_(f"index {folder}: expected the index folder (the one holding {MANIFEST}), got {what}; "
-                          f"pass its folder{f' ({folder.parent})' if folder.name == MANIFEST else ''}")
+        raise CorpusIndexError(f"index {folder}: expected the index folder (the one holding {MANIFEST}), got {what}; "
+                               f"pass its folder{f' ({folder.parent})' if folder.name == MANIFEST else ''}")
     partial = folder.with_name(folder.name + ".partial")
     hint = f" (an interrupted build is in {partial}: rerun the same build to resume)" if partial.exists() else ""
     if not folder.exists():
-        raise IndexError_(f"index {folder}: no such folder; pass a folder written by 'grape-rewards index build'"
-                          f"{hint}")
+        raise CorpusIndexError(f"index {folder}: no such folder; pass a folder written by 'grape-rewards index build'"
+                               f"{hint}")
     if not manifest_file.is_file():
-        raise IndexError_(f"{folder} is not a grape-rewards index: {MANIFEST} is missing{hint}")
+        raise CorpusIndexError(f"{folder} is not a grape-rewards index: {MANIFEST} is missing{hint}")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise IndexError_(f"{manifest_file} is not valid JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
-            from None
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise CorpusIndexError(f"{manifest_file} is not valid JSON: {first}") from None
     if not isinstance(manifest, dict):
-        raise IndexError_(f"{manifest_file} holds a JSON {type(manifest).__name__}, not an object: it is not a "
-                          "grape-rewards index manifest")
+        raise CorpusIndexError(f"{manifest_file} holds a JSON {type(manifest).__name__}, not an object: it is not a "
+                               "grape-rewards index manifest")
     if manifest.get("format") != INDEX_FORMAT:
-        raise IndexError_(f"{manifest_file} is not a grape-rewards index manifest (format={manifest.get('format')!r})")
+        raise CorpusIndexError(f"{manifest_file} is not a grape-rewards index manifest "
+                               f"(format={manifest.get('format')!r})")
     version = manifest.get("version", 0)
     if not _is_int(version):
-        raise IndexError_(f"{manifest_file}: version must be an integer, got {version!r}")
+        raise CorpusIndexError(f"{manifest_file}: version must be an integer, got {version!r}")
     if version > INDEX_VERSION:
-        raise IndexError_(f"{manifest_file} has format version {manifest['version']}; this grape-rewards reads "
-                          f"version {INDEX_VERSION} and older: upgrade grape-rewards")
+        raise CorpusIndexError(f"{manifest_file} has format version {manifest['version']}; this grape-rewards reads "
+                               f"version {INDEX_VERSION} and older: upgrade grape-rewards")
     for key, least in (("count", 0), ("dim", 1)):
         if not _is_int(manifest.get(key)) or manifest[key] < least:
-            raise IndexError_(f"{manifest_file}: {key!r} must be an integer >= {least}, got {manifest.get(key)!r}")
+            raise CorpusIndexError(f"{manifest_file}: {key!r} must be an integer >= {least}, got {manifest.get(key)!r}")
     for key in ("retriever", "checksums"):
         if not isinstance(manifest.get(key, {}), dict):
-            raise IndexError_(f"{manifest_file}: {key!r} must be an object, got {manifest[key]!r}")
+            raise CorpusIndexError(f"{manifest_file}: {key!r} must be an object, got {manifest[key]!r}")
     return manifest
 
 
@@ -109,12 +110,12 @@ def read_embeddings(file: Path) -> torch.Tensor:
     try:
         tensors = load_file(str(file))
     except Exception as exc:  # safetensors raises its own error types for a file that is not one of its files
-        raise IndexError_(f"{file} is not a safetensors file ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild the index") from None
+        raise CorpusIndexError(f"{file} is not a safetensors file ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); rebuild the index") from None
     emb = tensors.get("embeddings")
     if emb is None or emb.ndim != 2 or not emb.is_floating_point():
         found = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-        raise IndexError_(f"{file} must hold one 2-D float tensor named 'embeddings', it holds {found}")
+        raise CorpusIndexError(f"{file} must hold one 2-D float tensor named 'embeddings', it holds {found}")
     return emb
 
 
@@ -123,15 +124,15 @@ def read_ids(file: Path) -> list[str]:
     try:
         ids = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise IndexError_(f"{file} is not valid JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+        raise CorpusIndexError(f"{file} is not valid JSON: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     if not isinstance(ids, list):
-        raise IndexError_(f"{file} must hold a JSON list of string ids, it holds a {type(ids).__name__}")
+        raise CorpusIndexError(f"{file} must hold a JSON list of string ids, it holds a {type(ids).__name__}")
     seen: set[str] = set()
     for row, item_id in enumerate(ids):
         if not isinstance(item_id, str):
-            raise IndexError_(f"{file}: id at row {row} is {item_id!r}, not a string")
+            raise CorpusIndexError(f"{file}: id at row {row} is {item_id!r}, not a string")
         if item_id in seen:
-            raise IndexError_(f"{file}: id {item_id!r} appears more than once (again at row {row})")
+            raise CorpusIndexError(f"{file}: id {item_id!r} appears more than once (again at row {row})")
         seen.add(item_id)
     return ids
 
@@ -152,8 +153,8 @@ def check_unit_rows(embeddings: torch.Tensor, ids: Sequence[str], where: str,
             row = start + int(bad.nonzero()[0, 0])
             norm = float(norms[row - start])
             what = "non-finite values" if not math.isfinite(norm) else f"L2 norm {norm:.4g}, not 1"
-            raise IndexError_(f"{where}: row {row} (id {ids[row]!r}) has {what}; an index holds L2-normalised "
-                              "embeddings: rebuild it")
+            raise CorpusIndexError(f"{where}: row {row} (id {ids[row]!r}) has {what}; an index holds L2-normalised "
+                                   "embeddings: rebuild it")
         if norms.numel():
             largest = max(largest, float(norms.max()))
     return largest
@@ -236,7 +237,7 @@ class CorpusIndex:
         manifest = read_manifest(folder)
         built_with = manifest.get("retriever", {})
         if expected_fingerprint is not None and built_with.get("fingerprint") != expected_fingerprint:
-            raise IndexError_(
+            raise CorpusIndexError(
                 f"index {folder} was built with retriever {built_with.get('spec')!r} (fingerprint "
                 f"{built_with.get('fingerprint')}), but it is being used with "
                 f"{expected_spec or 'a retriever'!s} (fingerprint {expected_fingerprint}); embeddings from "
@@ -246,15 +247,15 @@ class CorpusIndex:
         for name in (EMBEDDINGS, IDS):
             file = folder / name
             if not file.is_file():
-                raise IndexError_(f"index {folder} is incomplete: {name} is missing")
+                raise CorpusIndexError(f"index {folder} is incomplete: {name} is missing")
             if verify_checksum and files.get(name) != sha256_file(file):
-                raise IndexError_(f"index {folder}: checksum of {name} does not match the manifest (the file "
-                                  "is corrupt or was changed after the build); rebuild the index")
+                raise CorpusIndexError(f"index {folder}: checksum of {name} does not match the manifest (the file "
+                                       "is corrupt or was changed after the build); rebuild the index")
         embeddings = read_embeddings(folder / EMBEDDINGS)
         ids = read_ids(folder / IDS)
         if embeddings.shape != (manifest["count"], manifest["dim"]) or len(ids) != manifest["count"]:
-            raise IndexError_(f"index {folder}: files hold {tuple(embeddings.shape)} embeddings and {len(ids)} ids, "
-                              f"the manifest says {manifest['count']} x {manifest['dim']}")
+            raise CorpusIndexError(f"index {folder}: files hold {tuple(embeddings.shape)} embeddings and {len(ids)} "
+                                   f"ids, the manifest says {manifest['count']} x {manifest['dim']}")
         largest = check_unit_rows(embeddings, ids, f"index {folder}")
         dev = torch.device(device)
         embeddings = embeddings.to(device=dev, dtype=dtype or default_compute_dtype(dev))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..corpus.index import CorpusIndex, IndexError_
+from ..corpus.index import CorpusIndex, CorpusIndexError
 from ..corpus.rank import scan_counts, target_scores
 from .shard import ShardScan, ShardSet, ShardUnavailable, read_shard_set
 
@@ -63,7 +63,7 @@ class ShardActor:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.index = CorpusIndex.load(folder, device=device, verify_checksum=verify_checksum)
         if "shard" not in self.index.manifest:
-            raise IndexError_(f"{folder} is not a shard (its manifest has no 'shard' section)")
+            raise CorpusIndexError(f"{folder} is not a shard (its manifest has no 'shard' section)")
         self.shard = int(self.index.manifest["shard"]["index"])
 
     def describe(self) -> dict[str, Any]:
@@ -118,8 +118,8 @@ class RayShards:
         for s, info in enumerate(self.described):
             shard = info["manifest"].get("shard", {})
             if shard.get("index") != s or shard.get("count") != len(self.actors):
-                raise IndexError_(f"actor {s} holds shard {shard.get('index')} of {shard.get('count')}, expected "
-                                  f"shard {s} of {len(self.actors)}")
+                raise CorpusIndexError(f"actor {s} holds shard {shard.get('index')} of {shard.get('count')}, expected "
+                                       f"shard {s} of {len(self.actors)}")
 
     @classmethod
     def launch(cls, path: str | Path | ShardSet, num_gpus: float = 0.0, num_cpus: float = 1.0, device: str = "auto",

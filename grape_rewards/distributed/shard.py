@@ -43,7 +43,7 @@ from ..corpus.index import (
     IDS,
     MANIFEST,
     CorpusIndex,
-    IndexError_,
+    CorpusIndexError,
     lookup_rows,
     read_manifest,
 )
@@ -108,8 +108,8 @@ def shard_index(src: str | Path, out: str | Path, num_shards: int, overwrite: bo
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
     if "shard" in manifest:
-        raise IndexError_(f"{src} is itself shard {manifest['shard'].get('index')} of a sharded index; shard the "
-                          "parent index instead")
+        raise CorpusIndexError(f"{src} is itself shard {manifest['shard'].get('index')} of a sharded index; shard the "
+                               "parent index instead")
     if out.resolve() == src.resolve():
         raise ValueError("--out must be a new folder, not the index being sharded")
     if (out / SHARD_SET).exists() and not overwrite:
@@ -120,17 +120,17 @@ def shard_index(src: str | Path, out: str | Path, num_shards: int, overwrite: bo
     for name in (EMBEDDINGS, IDS):
         file = src / name
         if not file.is_file():
-            raise IndexError_(f"index {src} is incomplete: {name} is missing")
+            raise CorpusIndexError(f"index {src} is incomplete: {name} is missing")
         if checksums.get(name) != sha256_file(file):
-            raise IndexError_(f"index {src}: checksum of {name} does not match the manifest (the file is corrupt or "
-                              "was changed after the build); rebuild the index before sharding it")
+            raise CorpusIndexError(f"index {src}: checksum of {name} does not match the manifest (the file is corrupt "
+                                   "or was changed after the build); rebuild the index before sharding it")
     ids = json.loads((src / IDS).read_text(encoding="utf-8"))
     with safe_open(str(src / EMBEDDINGS), framework="pt") as f:  # read one shard at a time, not the whole corpus
         embeddings = f.get_slice("embeddings")
         shape = tuple(embeddings.get_shape())
         if shape != (manifest["count"], manifest["dim"]) or len(ids) != manifest["count"]:
-            raise IndexError_(f"index {src}: files hold {shape} embeddings and {len(ids)} ids, the manifest says "
-                              f"{manifest['count']} x {manifest['dim']}")
+            raise CorpusIndexError(f"index {src}: files hold {shape} embeddings and {len(ids)} ids, the manifest says "
+                                   f"{manifest['count']} x {manifest['dim']}")
         _write_shards(src, out, manifest, embeddings, ids, num_shards)
     return [out / shard_folder_name(i, num_shards) for i in range(num_shards)]
 
@@ -196,7 +196,7 @@ def is_shard_set(path: str | Path) -> bool:
 
 
 def read_shard_set(path: str | Path) -> ShardSet:
-    """Read and check a shard set folder; a missing or inconsistent shard is an :class:`IndexError_`."""
+    """Read and check a shard set folder; a missing or inconsistent shard is an :class:`CorpusIndexError`."""
     folder = Path(path)
     meta_file = folder / SHARD_SET
     if not meta_file.is_file():
@@ -204,33 +204,33 @@ def read_shard_set(path: str | Path) -> ShardSet:
         if (folder / MANIFEST).is_file():
             hint = (f": it is an unsharded index; split it with grape-rewards index shard {folder} --out OUT "
                     "--num-shards S, and serve OUT")
-        raise IndexError_(f"{folder} is not a sharded index ({SHARD_SET} is missing){hint}")
+        raise CorpusIndexError(f"{folder} is not a sharded index ({SHARD_SET} is missing){hint}")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise IndexError_(f"{meta_file} is not valid JSON: {exc}") from None
+        raise CorpusIndexError(f"{meta_file} is not valid JSON: {exc}") from None
     if meta.get("format") != SHARD_SET_FORMAT:
-        raise IndexError_(f"{meta_file} is not a grape-rewards shard set (format={meta.get('format')!r})")
+        raise CorpusIndexError(f"{meta_file} is not a grape-rewards shard set (format={meta.get('format')!r})")
     folders = [folder / name for name in meta["shards"]]
     for i, shard_folder in enumerate(folders):
         if not (shard_folder / MANIFEST).is_file():
-            raise IndexError_(f"{folder}: shard {i} of {len(folders)} is missing ({shard_folder}); a sharded corpus "
-                              "is only served whole: restore it or re-run grape-rewards index shard")
+            raise CorpusIndexError(f"{folder}: shard {i} of {len(folders)} is missing ({shard_folder}); a sharded "
+                                   "corpus is only served whole: restore it or re-run grape-rewards index shard")
     manifests = [read_manifest(f) for f in folders]
     check_shard_manifests(manifests, str(folder))
     if manifests[0]["shard"]["total_count"] != meta["total_count"] or \
             manifests[0]["shard"]["parent_checksums"] != meta["parent_checksums"]:
-        raise IndexError_(f"{folder}: the shards do not belong to the index {SHARD_SET} describes")
+        raise CorpusIndexError(f"{folder}: the shards do not belong to the index {SHARD_SET} describes")
     return ShardSet(folder, folders, manifests)
 
 
 def check_shard_manifests(manifests: Sequence[dict[str, Any]], where: str = "the sharded index") -> list[int]:
     """Check that ``manifests`` are shards 0..S-1 of one parent, contiguous and complete; return the row offsets."""
     if not manifests:
-        raise IndexError_(f"{where}: no shards")
+        raise CorpusIndexError(f"{where}: no shards")
     first = manifests[0]
     if "shard" not in first:
-        raise IndexError_(f"{where}: shard 0 is not a shard (its manifest has no 'shard' section)")
+        raise CorpusIndexError(f"{where}: shard 0 is not a shard (its manifest has no 'shard' section)")
     num_shards = len(manifests)
     offsets = []
     row = 0
@@ -238,21 +238,21 @@ def check_shard_manifests(manifests: Sequence[dict[str, Any]], where: str = "the
         info = manifest.get("shard")
         if info is None or info.get("index") != i or info.get("count") != num_shards:
             got = None if info is None else f"{info.get('index')} of {info.get('count')}"
-            raise IndexError_(f"{where}: expected shard {i} of {num_shards}, found {got}")
+            raise CorpusIndexError(f"{where}: expected shard {i} of {num_shards}, found {got}")
         if info["row_offset"] != row:
-            raise IndexError_(f"{where}: shard {i} starts at row {info['row_offset']}, expected {row} (a shard is "
-                              "missing or from another split)")
+            raise CorpusIndexError(f"{where}: shard {i} starts at row {info['row_offset']}, expected {row} (a shard is "
+                                   "missing or from another split)")
         for key in ("total_count", "parent_checksums"):
             if info[key] != first["shard"][key]:
-                raise IndexError_(f"{where}: shard {i} comes from another index ({key} differs from shard 0's)")
+                raise CorpusIndexError(f"{where}: shard {i} comes from another index ({key} differs from shard 0's)")
         same = ("fingerprint", "spec")
         if any(manifest.get("retriever", {}).get(k) != first.get("retriever", {}).get(k) for k in same) or \
                 manifest["dim"] != first["dim"]:
-            raise IndexError_(f"{where}: shard {i} was built with another retriever than shard 0")
+            raise CorpusIndexError(f"{where}: shard {i} was built with another retriever than shard 0")
         offsets.append(row)
         row += int(manifest["count"])
     if row != first["shard"]["total_count"]:
-        raise IndexError_(f"{where}: the shards hold {row} items, the parent held {first['shard']['total_count']}")
+        raise CorpusIndexError(f"{where}: the shards hold {row} items, the parent held {first['shard']['total_count']}")
     return offsets
 
 
@@ -387,8 +387,8 @@ class ShardedIndex:
         self.shard_rows = [int(m["count"]) for m in manifests]
         shard_ids = backend.shard_ids()
         if [len(ids) for ids in shard_ids] != self.shard_rows:
-            raise IndexError_(f"{self.name}: the shards hold {[len(i) for i in shard_ids]} ids, their manifests say "
-                              f"{self.shard_rows}")
+            raise CorpusIndexError(f"{self.name}: the shards hold {[len(i) for i in shard_ids]} ids, their manifests "
+                                   f"say {self.shard_rows}")
         self.ids = [item_id for ids in shard_ids for item_id in ids]
         self.row_of = {item_id: row for row, item_id in enumerate(self.ids)}
         if len(self.row_of) != len(self.ids):
@@ -404,9 +404,10 @@ class ShardedIndex:
         shard_set = read_shard_set(path)
         fingerprint = shard_set.retriever.get("fingerprint")
         if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-            raise IndexError_(f"sharded index {path} was built with retriever {shard_set.retriever.get('spec')!r} "
-                              f"(fingerprint {fingerprint}), not the one it is used with (fingerprint "
-                              f"{expected_fingerprint}); embeddings from different models give meaningless rewards")
+            raise CorpusIndexError(f"sharded index {path} was built with retriever {shard_set.retriever.get('spec')!r} "
+                                   f"(fingerprint {fingerprint}), not the one it is used with (fingerprint "
+                                   f"{expected_fingerprint}); embeddings from different models give meaningless "
+                                   "rewards")
         return cls(LocalShards.load(shard_set, devices, verify_checksum=verify_checksum), path)
 
     # -- what CorpusIndex offers ---------------------------------------------------------------------------------
@@ -571,7 +572,7 @@ def load_sharded_scorer(config: ServeConfig, backend: ShardBackend | None = None
     index = ShardedIndex(backend, config.index)
     spec = config.retriever or index.manifest.get("retriever", {}).get("spec")
     if not spec:
-        raise IndexError_(f"sharded index {config.index} does not name its retriever; pass --retriever")
+        raise CorpusIndexError(f"sharded index {config.index} does not name its retriever; pass --retriever")
     retriever = create_retriever(spec, device=config.device, fusion=config.fusion, image_weight=config.image_weight)
     return RewardScorer(retriever, index, config.load_reward_config(), cache_size=config.cache_size,
                         cache_bytes=config.cache_bytes, max_text_chars=config.max_text_chars)

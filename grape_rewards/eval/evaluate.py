@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..corpus.build import build_index
-from ..corpus.index import CorpusIndex, IndexError_, read_manifest
+from ..corpus.index import CorpusIndex, CorpusIndexError, read_manifest
 from ..corpus.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, pair_scores
 from ..corpus.source import CorpusSource
 from ..datasets.schema import Benchmark, Query
@@ -130,8 +130,9 @@ def prepare_index(
         if (save / "manifest.json").is_file():
             manifest = read_manifest(save)
             if manifest.get("source", {}).get("sha256") != source.digest:
-                raise IndexError_(f"{save} holds an index of another corpus ({manifest.get('source', {}).get('origin')}"
-                                  f"), not {source.origin}; choose another --save-index folder or delete it")
+                other = manifest.get("source", {}).get("origin")
+                raise CorpusIndexError(f"{save} holds an index of another corpus ({other}), not {source.origin}; "
+                                       "choose another --save-index folder or delete it")
             logger.info("reusing the index in %s", save)
             return CorpusIndex.load(save, **load_kw)
         build_index(source, retriever, save, **build_kw)
@@ -346,8 +347,8 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ValueError(f"method names must be unique (and not {ORIGINAL!r}); got {names}")
     if index.fingerprint is not None and index.fingerprint != retriever.fingerprint:
-        raise IndexError_(f"index {index.name} was built by another retriever (fingerprint {index.fingerprint}) "
-                          f"than {retriever.spec!r} ({retriever.fingerprint})")
+        raise CorpusIndexError(f"index {index.name} was built by another retriever (fingerprint {index.fingerprint}) "
+                               f"than {retriever.spec!r} ({retriever.fingerprint})")
     protocol = "cirr" if benchmark.name == "cirr" else "recall"
     all_queries = list(benchmark.queries())
     if not all_queries:
