@@ -96,8 +96,8 @@ class EnsembleScorer(RewardScorer):
 
 
 def scorer_from_indexes(index_dirs: Sequence[str | Path], config: RewardConfig | None = None, *,
-                retriever: str | Retriever | None = None, scorer_options: dict[str, Any] | None = None,
-                **retriever_overrides: Any) -> RewardScorer:
+                        retriever: str | Retriever | None = None, scorer_options: dict[str, Any] | None = None,
+                        **retriever_overrides: Any) -> RewardScorer:
     """The scorer of one index folder (:meth:`RewardScorer.from_index`) or, for several, the
     :class:`EnsembleScorer` of each one's own retriever (``retriever`` is then refused: each index names its own).
     """
