@@ -268,17 +268,22 @@ def test_thread_batcher_isolates_a_failing_call() -> None:
 
 
 def test_verl_adapter_imports_nothing_heavy() -> None:
-    code = ("import sys; import grape_rewards.adapters.verl, grape_rewards.adapters.files.verl_reward_fn; "
+    from grape_rewards.adapters.cli import adapter_file
+
+    code = ("import sys, runpy; import grape_rewards.adapters.verl; "
+            f"runpy.run_path({str(adapter_file('verl'))!r}); "
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'httpx', 'pydantic', "
             "'transformers', 'fastapi', 'PIL'}); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
 
 
-def test_adapter_file_copies_are_identical() -> None:
+def test_adapter_files_are_the_checkouts_one_copy() -> None:
+    """An editable install (and an uninstalled checkout) points the frameworks at ``adapters/`` itself."""
     from grape_rewards.adapters.cli import adapter_file
 
     pairs = {"openrlhf": REPO / "adapters" / "openrlhf" / "reward_func.py",
              "verl": REPO / "adapters" / "verl" / "reward_fn.py"}
     for framework, source in pairs.items():
         assert adapter_file(framework).read_bytes() == source.read_bytes(), framework
+    assert not (REPO / "grape_rewards" / "adapters" / "files").exists(), "a second copy of the reward files"

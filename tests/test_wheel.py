@@ -29,7 +29,7 @@ from test_adapters_support import REPO, demo_index_dir, require
 SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in")
 SOURCE_FOLDERS = ("grape_rewards", "tests", "adapters", "examples", "benchmarks", "docs")
 PAYLOAD = ("grape_rewards/adapters/verl.py", "grape_rewards/adapters/openrlhf.py", "grape_rewards/adapters/trl.py",
-           "grape_rewards/adapters/files/openrlhf_reward_func.py", "grape_rewards/adapters/files/verl_reward_fn.py",
+           "grape_rewards/adapters/files/openrlhf/reward_func.py", "grape_rewards/adapters/files/verl/reward_fn.py",
            "grape_rewards/prepare/cli.py", "grape_rewards/demo/data/captions.jsonl")
 
 
@@ -88,6 +88,12 @@ def test_wheel_carries_the_adapters(venv: tuple[Path, Path, Path]) -> None:
     names = set(zipfile.ZipFile(venv[1]).namelist())
     missing = [p for p in PAYLOAD if p not in names]
     assert not missing, f"the wheel lacks {missing}"
+    packages = sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "grape_rewards").rglob("__init__.py"))
+    unlisted = [p for p in packages if f"{p}/__init__.py" not in names]
+    assert not unlisted, f"packages missing from pyproject.toml's [tool.setuptools] packages: {unlisted}"
+    with zipfile.ZipFile(venv[1]) as wheel:  # the one copy of each reward file, mapped from adapters/
+        for source in ("openrlhf/reward_func.py", "verl/reward_fn.py"):
+            assert wheel.read(f"grape_rewards/adapters/files/{source}") == (REPO / "adapters" / source).read_bytes()
 
 
 @pytest.mark.slow

@@ -5,8 +5,7 @@
 OpenRLHF loads this file by path in every vLLM engine and calls ``reward_func(queries, prompts, labels)`` on
 worker threads. Settings come from the engines' environment: ``GRAPE_REWARD_URL=http://HOST:PORT`` (the reward
 service; recommended) or ``GRAPE_INDEX=DIR`` (score in-process). See ``grape_rewards.adapters.openrlhf``.
-Two identical copies exist: ``adapters/openrlhf/reward_func.py`` (source tree) and
-``grape_rewards/adapters/files/openrlhf_reward_func.py`` (installed).
+This file is installed with the package as ``grape_rewards/adapters/files/openrlhf/reward_func.py``.
 """
 
 from grape_rewards.adapters.openrlhf import reward_func

@@ -5,8 +5,8 @@
     +reward.custom_reward_function.reward_kwargs.url=http://HOST:PORT
 
 verl calls ``async compute_score(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)`` once per
-sample. See ``grape_rewards.adapters.verl``. Two identical copies exist: ``adapters/verl/reward_fn.py``
-(source tree) and ``grape_rewards/adapters/files/verl_reward_fn.py`` (installed).
+sample. See ``grape_rewards.adapters.verl``.
+This file is installed with the package as ``grape_rewards/adapters/files/verl/reward_fn.py``.
 """
 
 from grape_rewards.adapters.verl import compute_score

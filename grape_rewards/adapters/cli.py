@@ -14,18 +14,33 @@ import argparse
 import sys
 from pathlib import Path
 
-ADAPTER_FILES: dict[str, str] = {"openrlhf": "openrlhf_reward_func.py", "verl": "verl_reward_fn.py"}
-"""Framework -> its path-loadable reward file in ``grape_rewards/adapters/files``."""
+ADAPTER_FILES: dict[str, str] = {"openrlhf": "openrlhf/reward_func.py", "verl": "verl/reward_fn.py"}
+"""Framework -> its path-loadable reward file, relative to the ``adapters/`` folder (installed as
+``grape_rewards.adapters.files``)."""
 
 VERL_MODULE = "pkg://grape_rewards.adapters.verl"
 DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def adapter_files_folder() -> Path:
+    """The folder of the path-loadable reward files: the installed ``grape_rewards.adapters.files`` (an editable
+    install maps it to the checkout's ``adapters/``), else the ``adapters/`` beside an uninstalled checkout."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("grape_rewards.adapters.files")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(__file__).resolve().parents[2] / "adapters"
 
 
 def adapter_file(framework: str) -> Path:
     """The installed path-loadable reward file of ``framework`` (``openrlhf`` or ``verl``)."""
     if framework not in ADAPTER_FILES:
         raise ValueError(f"no reward file for {framework!r}; known: {', '.join(ADAPTER_FILES)}")
-    return Path(__file__).resolve().parent / "files" / ADAPTER_FILES[framework]
+    return adapter_files_folder() / ADAPTER_FILES[framework]
 
 
 def flags_text(framework: str, url: str = DEFAULT_URL) -> str:
