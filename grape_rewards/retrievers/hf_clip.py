@@ -7,24 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import (
-    MAX_PADDING,
-    ImageInput,
-    Retriever,
-    TextInfo,
-    batched,
-    cast_model,
-    encode_in_length_groups,
-    l2_normalize,
-    load_image,
-    model_fingerprint,
-    resolve_device,
-    resolve_dtype,
-    tokenize_once,
-    tokenizer_text_info,
-    warn_random_init,
-)
-from .loading import load_hf_parts
+from .base import ImageInput, batched, l2_normalize, load_image
+from .transformers_base import TransformersRetriever, context_length
 
 # Towers that pool the last position need every text padded to the full context, as in training.
 _PAD_TO_MAX_LENGTH = ("siglip", "siglip2")
@@ -35,7 +19,7 @@ def _features(output: object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
 
 
-class HFCLIPRetriever(Retriever):
+class HFCLIPRetriever(TransformersRetriever):
     """A transformers dual encoder with ``get_text_features`` and ``get_image_features``.
 
     Texts are padded to the longest of their batch (batches are formed by length), which is exact for
@@ -44,6 +28,7 @@ class HFCLIPRetriever(Retriever):
     """
 
     corpus_modality = "image"
+    kind = "clip"
 
     def __init__(
         self,
@@ -54,49 +39,25 @@ class HFCLIPRetriever(Retriever):
         seed: int = 0,
         spec: str | None = None,
     ) -> None:
-        self.spec = spec or f"hf:{model}"
-        self.device = resolve_device(device)
-        self.random_init = random_init
-        self.model, self.tokenizer, self.processor = load_hf_parts(
-            model, kind="clip", random_init=random_init, seed=seed, spec=self.spec)
-        for method in ("get_text_features", "get_image_features"):
-            if not hasattr(self.model, method):
-                raise TypeError(f"{type(self.model).__name__} (from {self.spec!r}) has no {method}(); "
-                                "hf: retrievers need a CLIP-family model; use text:<model> for text encoders")
-        self.model.eval().to(self.device)
+        super().__init__(model, spec or f"hf:{model}", device=device, dtype=dtype, random_init=random_init, seed=seed)
+        self.pads_to_context = str(getattr(self.model.config, "model_type", "")) in _PAD_TO_MAX_LENGTH
+        """SigLIP-style towers pool the last position: every text is padded to the full context, as in training."""
+        if self.pads_to_context:
+            self.max_padding = 1.0  # grouping by length buys nothing when every batch is padded to the context
+
+    def _default_context_length(self) -> int:
+        return context_length(self.model.config, self.tokenizer, default=77)
+
+    def _embedding_dim(self) -> int:
         config = self.model.config
-        self._model_type = str(getattr(config, "model_type", ""))
-        text_cfg = getattr(config, "text_config", config)
-        limits = [getattr(text_cfg, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
-        self.max_text_tokens = min((int(v) for v in limits if isinstance(v, int) and 0 < v < 100_000), default=77)
-        self.dim = int(getattr(config, "projection_dim", None) or text_cfg.hidden_size)
-        self._fingerprint: str | None = None
-        self.dtype = resolve_dtype(dtype, self.device)
-        cast_model(self, self.model, self.dtype)
-        if random_init:
-            warn_random_init(self.spec)
+        return int(getattr(config, "projection_dim", None) or getattr(config, "text_config", config).hidden_size)
 
-    @property
-    def fingerprint(self) -> str:
-        return model_fingerprint(self, self.model, "hf-clip", self._model_type, self.processor.to_json_string(),
-                                 self.max_text_tokens)
-
-    def text_info(self, texts: Sequence[str]) -> list[TextInfo]:
-        return tokenizer_text_info(self.tokenizer, texts, self.max_text_tokens)
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        return self.encode_texts_with_info(texts, batch_size)[0]
-
-    @torch.no_grad()
-    def encode_texts_with_info(self, texts: Sequence[str],
-                               batch_size: int = 256) -> tuple[torch.Tensor, list[TextInfo]]:
-        """Tokenize once, then encode in batches of similar length (padding is masked out of the result)."""
-        ids, infos = tokenize_once(self.tokenizer, texts, self.max_text_tokens)
-        max_padding = 1.0 if self._model_type in _PAD_TO_MAX_LENGTH else MAX_PADDING  # those pad to the context
-        return encode_in_length_groups(ids, batch_size, self.dim, self.device, self._encode_batch, max_padding), infos
+    def _fingerprint_settings(self) -> tuple[object, ...]:
+        return ("hf-clip", str(getattr(self.model.config, "model_type", "")), self.processor.to_json_string(),
+                self.max_text_tokens)
 
     def _encode_batch(self, ids: list[Sequence[int]]) -> torch.Tensor:
-        full = self._model_type in _PAD_TO_MAX_LENGTH
+        full = self.pads_to_context
         padding = {"padding": "max_length", "max_length": self.max_text_tokens} if full else {}
         enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", **padding).to(self.device)
         if full:
