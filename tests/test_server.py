@@ -324,6 +324,28 @@ def test_bad_input_gets_4xx_naming_the_problem(http: httpx.Client, name: str, pa
     assert message in r.json()["detail"], r.json()["detail"]
 
 
+def test_fast_routes_answer_what_fastapis_routes_answer(scorer: RewardScorer, index_dir: Path) -> None:
+    """The raw-ASGI shortcut (``fast_routes``) and FastAPI's own routes give the same status and body, good input
+    and bad (every case of BAD_INPUTS, a good request of each route)."""
+    good = [("/get_reward", {"query": [_GOOD_Q], "labels": ["cap000"]}),
+            ("/v1/rewards", {"items": [{"rewrite": "a dog catching a frisbee", "target_ids": ["cap000"]}]}),
+            ("/retrieve", {"queries": ["a dog"], "topk": 3})]
+    cases = good + [(path, body) for _, path, body, _, _ in BAD_INPUTS]
+    answers: dict[bool, list[tuple[int, Any]]] = {}
+    for fast in (True, False):
+        config = ServeConfig(index=str(index_dir), fast_routes=fast, **LIMITS)
+        with ServerThread(create_app(scorer, config)) as running, \
+                httpx.Client(base_url=running.url, timeout=60) as client:
+            answers[fast] = []
+            for path, body in cases:
+                content = body if isinstance(body, bytes) else json.dumps(body).encode()
+                r = client.post(path, content=content, headers={"Content-Type": "application/json"})
+                answers[fast].append((r.status_code, r.json()))
+    assert [a[0] for a in answers[True][:3]] == [200, 200, 200]
+    for case, fast, plain in zip(cases, answers[True], answers[False]):
+        assert fast == plain, case[0]
+
+
 def test_a_4xx_leaves_one_rate_limited_warning_with_its_reason(server: ServerThread, http: httpx.Client,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:

@@ -293,9 +293,10 @@ class GuardMiddleware:
         self.limit = state.config.max_body_bytes
         self.body_timeout = state.config.body_timeout_s
         self.fast: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
-            "/get_reward": state.get_reward, "/v1/rewards": state.rewards, "/retrieve": state.retrieve}
-        """The POST routes, served here without the framework's routing and request objects (about half the
-        per-request CPU, which on a small machine is taken from the device worker)."""
+            "/get_reward": state.get_reward, "/v1/rewards": state.rewards, "/retrieve": state.retrieve,
+        } if state.config.fast_routes else {}
+        """The POST routes, served here without the framework's routing and request objects (``fast_routes``;
+        what it buys: docs/shortcuts.md), which on a small machine leaves more CPU to the device worker."""
 
     async def _reject(self, send: Callable[[dict], Awaitable[None]], path: str, status: int, message: str,
                       headers: dict[str, str] | None = None) -> None:

@@ -65,6 +65,9 @@ class ServeConfig(BaseModel):
     gc_tuning: bool = True
     """At startup, freeze what is loaded out of the garbage collector's sight and collect the young generation
     every 100,000 allocations instead of 700 (process-wide; about twice the single-sample requests per second)."""
+    fast_routes: bool = True
+    """Answer the POST routes (/get_reward, /v1/rewards, /retrieve) in the raw-ASGI guard, before FastAPI's
+    middleware and routing (the same handlers, less CPU per request; docs/shortcuts.md). Off: FastAPI's routes."""
 
     # -- batching and caches --------------------------------------------------------------------------
     max_batch_size: int = Field(default=256, ge=1)
