@@ -4,8 +4,9 @@ A GPU encodes and ranks a batch in a few milliseconds, so through the service th
 parsing, batching, tokenizing, assembling answers) decides the rate. This benchmark serves a **null retriever**
 (open_clip's real ViT-B-32 tokenizer, then random unit vectors: no model, NO semantics; for timing only) over
 10,000 random items, loads it with 256 concurrent single-sample ``/get_reward`` clients (``loadgen.py`` in its
-own process) and records rewards/s and the CPU each server thread spends per request, with the service's GC
-tuning (``gc_tuning``) off and on, in interleaved rounds, beside the HTTP floor (empty requests).
+own process) and records rewards/s and the CPU each server thread spends per request, in interleaved rounds, for
+the default service and with each of two shortcuts off: the GC tuning (``gc_tuning``) and the raw-ASGI POST routes
+(``fast_routes``: FastAPI's routing instead), beside the HTTP floor (empty requests).
 
     python benchmarks/bench_http_path.py --rounds 2
 """
@@ -81,12 +82,17 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def point(scorer: RewardScorer, ids_dir: Path, gc_tuning: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """One server (GC tuning as given): the HTTP floor, then the scored load with per-thread CPU."""
+VARIANTS: dict[str, dict[str, bool]] = {"GC tuning off": {"gc_tuning": False}, "default": {},
+                                        "fast routes off": {"fast_routes": False}}
+"""Server settings measured, round by round: the default service and each shortcut turned off."""
+
+
+def point(scorer: RewardScorer, ids_dir: Path, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One server (``VARIANTS[variant]``): the HTTP floor, then the scored load with per-thread CPU."""
     gc.unfreeze()
     gc.set_threshold(700, 10, 10)  # Python's defaults; the server's startup tunes them when asked
     app = create_app(scorer, ServeConfig(index="<in-memory>", max_batch_size=1024, log_level="warning",
-                                         gc_tuning=gc_tuning))
+                                         **VARIANTS[variant]))
     with ServerThread(app) as server:
         floor = run_in_subprocess(server.url, ids_dir, args.concurrency, args.seconds, empty=True, quiet=True)
         before, t0 = thread_cpu(), time.perf_counter()
@@ -95,7 +101,7 @@ def point(scorer: RewardScorer, ids_dir: Path, gc_tuning: bool, args: argparse.N
     answered = scored["rps"] * elapsed  # requests over the whole load (warm-up and drain included), approximately
     loop = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("uvicorn"))
     device = sum(after[k] - before.get(k, 0.0) for k in after if k.startswith("grape-device"))
-    return {"gc_tuning": gc_tuning, "rps": scored["rps"], "p50_ms": scored["p50_ms"], "p99_ms": scored["p99_ms"],
+    return {"variant": variant, "rps": scored["rps"], "p50_ms": scored["p50_ms"], "p99_ms": scored["p99_ms"],
             "errors": scored["errors"], "loop_us_per_request": loop / answered * 1e6,
             "device_thread_us_per_request": device / answered * 1e6, "floor_rps": floor["rps"]}
 
@@ -118,22 +124,24 @@ def main() -> None:
     (ids_dir / "ids.json").write_text(json.dumps(ids))
     rows = []
     for r in range(args.rounds):
-        for tuning in (False, True):
-            rows.append({"round": r + 1, **point(scorer, ids_dir, tuning, args)})
+        for variant in VARIANTS:
+            rows.append({"round": r + 1, **point(scorer, ids_dir, variant, args)})
             print(json.dumps(rows[-1]), flush=True)
-    best = {t: max((x for x in rows if x["gc_tuning"] == t), key=lambda x: x["rps"]) for t in (False, True)}
+    best = {v: max((x for x in rows if x["variant"] == v), key=lambda x: x["rps"]) for v in VARIANTS}
     lines = ["# The service's own cost per request (null retriever: tokenizer + random vectors, NO semantics)\n",
              "{header}",
              f"{args.concurrency} concurrent single-sample `/get_reward` clients (load generator in its own process), "
              f"{args.corpus_size:,} random items, one server process; CPU per request from /proc, by thread.\n",
-             "| round | GC tuning | rewards/s | p50 ms | p99 ms | event loop CPU us/request | device thread CPU "
+             "| round | server | rewards/s | p50 ms | p99 ms | event loop CPU us/request | device thread CPU "
              "us/request | HTTP floor (empty requests)/s |", "|---|---|---|---|---|---|---|---|"]
     for x in rows:
-        lines.append(f"| {x['round']} | {'on' if x['gc_tuning'] else 'off'} | {x['rps']:.0f} | {x['p50_ms']:.1f} | "
+        lines.append(f"| {x['round']} | {x['variant']} | {x['rps']:.0f} | {x['p50_ms']:.1f} | "
                      f"{x['p99_ms']:.1f} | {x['loop_us_per_request']:.0f} | {x['device_thread_us_per_request']:.0f} | "
                      f"{x['floor_rps']:.0f} |")
-    lines.append(f"\nBest of each: GC tuning on {best[True]['rps']:.0f} vs off {best[False]['rps']:.0f} rewards/s = "
-                 f"{best[True]['rps'] / best[False]['rps']:.2f}x.")
+    default = best["default"]["rps"]
+    lines.append("\nBest of each, what each shortcut buys (default over the shortcut off): " + "; ".join(
+        f"{v.replace(' off', '')}: {default:.0f} vs {best[v]['rps']:.0f} rewards/s = {default / best[v]['rps']:.2f}x"
+        for v in VARIANTS if v != "default") + ".")
     markdown = "\n".join(lines) + "\n"
     write_result("http-path-cpu", {"rows": rows}, markdown)
     print(markdown.replace("{header}", ""))
