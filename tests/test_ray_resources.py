@@ -97,6 +97,15 @@ def test_every_flag_a_message_names_is_a_serve_flag() -> None:
     assert parser.parse_args([]).check_resources and not parser.parse_args(["--no-resource-check"]).check_resources
 
 
+def test_docs_show_the_message_and_every_ray_flag() -> None:
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text(encoding="utf-8")
+    assert f"grape-rewards serve: error: {ISSUE_14}\n" in docs
+    parser = argparse.ArgumentParser()
+    add_ray_arguments(parser)
+    flags = {f for f in parser._option_string_actions if f.startswith("--") and f != "--help"}
+    assert not {f for f in flags if f"`{f}" not in docs}, "document every Ray flag in docs/scaling.md's table"
+
+
 # -- the real path: a local Ray of 2 CPUs ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_serve_ray_three_shards_on_two_cpus_fails_at_once(tmp_path: Path,

@@ -19,6 +19,10 @@ flight are re-run; a shard that stays down makes requests fail with 503 + Retry-
 of the corpus. A replica that dies is replaced by Serve; requests in flight on it are answered 500 by Serve's
 proxy and should be retried by the client (scoring is a pure function of the request).
 
+Before placing any actor, the reservations (shard actors and replicas, CPUs and GPUs) are checked against the
+cluster (:mod:`~grape_rewards.distributed.ray_resources`): what does not fit is refused at once, with the flags
+that lower it, instead of an actor waiting for resources that never come.
+
 The retriever, index and shard folders must be readable at the same paths on every node that runs a replica or
 a shard actor (shared storage), and grape-rewards installed there (or passed in ``runtime_env``).
 The process that runs ``serve --ray`` owns the shard actors and the metrics hub: keep it running (SIGTERM drains
