@@ -8,6 +8,8 @@
   :class:`~grape_rewards.distributed.ray_shards.RayShards` (Ray actors, one per shard, each on its GPU).
 - :mod:`grape_rewards.distributed.ray_serve`: ``grape-rewards serve --ray`` (the same FastAPI app under Ray Serve,
   R replicas, optionally over Ray shard actors).
+- :mod:`grape_rewards.distributed.ray_resources`: what ``serve --ray`` reserves (CPUs, GPUs), checked against the
+  cluster before any actor is placed.
 
 Importing this package is cheap (the CLI imports ``ray_serve`` to add its flags): ``shard`` (torch) loads on first
 use, and Ray only when a Ray function runs (every module imports without Ray installed).

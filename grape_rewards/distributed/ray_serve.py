@@ -19,6 +19,10 @@ flight are re-run; a shard that stays down makes requests fail with 503 + Retry-
 of the corpus. A replica that dies is replaced by Serve; requests in flight on it are answered 500 by Serve's
 proxy and should be retried by the client (scoring is a pure function of the request).
 
+Before placing any actor, the reservations (shard actors and replicas, CPUs and GPUs) are checked against the
+cluster (:mod:`~grape_rewards.distributed.ray_resources`): what does not fit is refused at once, with the flags
+that lower it, instead of an actor waiting for resources that never come.
+
 The retriever, index and shard folders must be readable at the same paths on every node that runs a replica or
 a shard actor (shared storage), and grape-rewards installed there (or passed in ``runtime_env``).
 The process that runs ``serve --ray`` owns the shard actors and the metrics hub: keep it running (SIGTERM drains
@@ -33,6 +37,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from ..server.config import ServeConfig
+    from .ray_resources import Reservation
     from .ray_shards import RayShards
 
 logger = logging.getLogger("grape_rewards.server")
@@ -63,10 +69,16 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                         "(0: shard actors only if --index is such a folder)")
     g.add_argument("--gpus-per-shard", type=float, default=None, metavar="G",
                    help="GPUs per shard actor (default: 1 if the cluster has GPUs, else 0)")
-    g.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C", help="CPUs per replica (default 1)")
-    g.add_argument("--cpus-per-shard", type=float, default=1.0, metavar="C", help="CPUs per shard actor (default 1)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C",
+                   help="CPUs per replica, fractions allowed (default 1)")
+    g.add_argument("--cpus-per-shard", type=float, default=1.0, metavar="C",
+                   help="CPUs per shard actor, fractions allowed (default 1)")
     g.add_argument("--max-ongoing-requests", type=int, default=None, metavar="N",
                    help="requests one replica holds at once (default: 2 x --max-batch-size, at least 64)")
+    g.add_argument("--no-resource-check", dest="check_resources", action="store_false",
+                   help="place the actors even when the cluster's free CPUs/GPUs cannot hold them all now (an "
+                        "autoscaling cluster that adds nodes on demand); default: refuse at once, naming the flags "
+                        "that lower the reservation")
 
 
 def run_from_args(config: ServeConfig, args: argparse.Namespace) -> int:
@@ -74,7 +86,8 @@ def run_from_args(config: ServeConfig, args: argparse.Namespace) -> int:
     result = serve_with_ray(config, ray_address=args.ray_address, replicas=args.replicas,
                             gpus_per_replica=args.gpus_per_replica, num_shards=args.shards,
                             gpus_per_shard=args.gpus_per_shard, cpus_per_replica=args.cpus_per_replica,
-                            cpus_per_shard=args.cpus_per_shard, max_ongoing_requests=args.max_ongoing_requests)
+                            cpus_per_shard=args.cpus_per_shard, max_ongoing_requests=args.max_ongoing_requests,
+                            check_resources=args.check_resources)
     return int(result)  # type: ignore[arg-type]
 
 
@@ -109,7 +122,7 @@ def serve_with_ray(config: ServeConfig, ray_address: str | None = None, replicas
                    gpus_per_replica: float | None = None, num_shards: int = 0, *,
                    gpus_per_shard: float | None = None, cpus_per_replica: float = 1.0, cpus_per_shard: float = 1.0,
                    max_ongoing_requests: int | None = None, shard_timeout_s: float = 120.0,
-                   app_name: str = APP_NAME, blocking: bool = True) -> RayService | int:
+                   app_name: str = APP_NAME, blocking: bool = True, check_resources: bool = True) -> RayService | int:
     """Deploy the reward service on Ray Serve: ``replicas`` copies of the app, over ``num_shards`` shard actors.
 
     Args:
@@ -122,11 +135,15 @@ def serve_with_ray(config: ServeConfig, ray_address: str | None = None, replicas
             shards); S > 0 requires a shard set of S shards.
         max_ongoing_requests: per replica; default ``max(64, 2 * config.max_batch_size)``.
         shard_timeout_s: longest a scatter to the shards may take (restarts included) before a 503.
+        check_resources: before placing any actor, check that the cluster can hold the shard actors and replicas
+            (:func:`check_cluster_fits`); a :class:`~grape_rewards.distributed.ray_resources.ResourceShortage`
+            (a ``ValueError``) otherwise.
         blocking: serve until SIGTERM/SIGINT and return 0; else return the :class:`RayService` at once.
     """
     import ray
     from ray import serve
 
+    from .ray_resources import serve_reservations
     from .shard import is_shard_set, read_shard_set
 
     config.check_bind()
@@ -155,6 +172,11 @@ def serve_with_ray(config: ServeConfig, ray_address: str | None = None, replicas
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         gpus_per_replica = (1.0 if has_gpus else 0.0) if gpus_per_replica is None else gpus_per_replica
         gpus_per_shard = (1.0 if has_gpus else 0.0) if gpus_per_shard is None else gpus_per_shard
+        reservations = serve_reservations(replicas, cpus_per_replica, gpus_per_replica,
+                                          shard_set.num_shards if shard_set is not None else 0,
+                                          cpus_per_shard, gpus_per_shard)
+        if check_resources:
+            check_cluster_fits(reservations, nothing_placed=started_ray)
         prefix = f"{app_name}-{os.getpid()}"
         shard_names = None
         if shard_set is not None:
@@ -197,6 +219,20 @@ def serve_with_ray(config: ServeConfig, ray_address: str | None = None, replicas
     logger.info("stopping: draining the replicas")
     service.shutdown()
     return 0
+
+
+def check_cluster_fits(reservations: Sequence[Reservation], nothing_placed: bool) -> None:
+    """:func:`~grape_rewards.distributed.ray_resources.check_fits` against this Ray cluster (``ray.init`` done).
+
+    ``nothing_placed`` (a Ray this process just started): the cluster's total resources; otherwise (a cluster
+    joined, e.g. the trainer's) what is still free, as the message then says.
+    """
+    import ray
+
+    from .ray_resources import check_fits
+
+    total = ray.cluster_resources()
+    check_fits(reservations, total if nothing_placed else ray.available_resources(), total)
 
 
 def build_deployment(config: ServeConfig, replicas: int, gpus_per_replica: float, cpus_per_replica: float,
