@@ -32,6 +32,40 @@ def retriever_keys(count: int) -> tuple[str, ...]:
     return tuple(key for j in range(count) for key in (f"retriever_{j}_rank", f"retriever_{j}_part_rank"))
 
 
+def check_ensemble_request(index_dirs: Sequence[object], retriever: object | None = None) -> None:
+    """The rule of an ensemble's request, the one copy every entry point relies on (``score``, ``serve``, the
+    in-process adapters, ``eval``): at least one index; with several, each index's manifest names its own retriever,
+    so a shared ``retriever`` is refused (:class:`ValueError`, which the CLI reports as a usage error).
+
+    >>> check_ensemble_request(["a", "b"], "text:all-MiniLM-L6-v2")
+    Traceback (most recent call last):
+    ...
+    ValueError: retriever: an ensemble of indexes uses each index's own retriever; drop --retriever
+    """
+    if not index_dirs:
+        raise ValueError("no index given; pass an index folder (--index)")
+    if len(index_dirs) > 1 and retriever is not None:
+        raise ValueError("retriever: an ensemble of indexes uses each index's own retriever; drop --retriever")
+
+
+def check_same_ids(indexes: Sequence[CorpusIndex]) -> None:
+    """Refuse indexes that do not all hold the first one's ids (in any order: each member resolves its own rows).
+
+    The :class:`CorpusIndexError` names the index that differs, an id that only one of the two holds and which one,
+    and how many ids differ.
+    """
+    first = indexes[0]
+    ids = set(first.ids)
+    for index in indexes[1:]:
+        other = set(index.ids)
+        missing, extra = sorted(ids - other), sorted(other - ids)
+        if missing or extra:
+            example, holder = (missing[0], first.name) if missing else (extra[0], index.name)
+            raise CorpusIndexError(
+                f"index {index.name} does not hold the same ids as {first.name}: {example!r} is in {holder} only "
+                f"({len(missing)} ids missing, {len(extra)} extra); an ensemble ranks one corpus")
+
+
 class EnsembleScorer(RewardScorer):
     """A :class:`RewardScorer` over several retrievers, each with its index of the same corpus ids.
 
@@ -47,12 +81,7 @@ class EnsembleScorer(RewardScorer):
                              f"retrievers and {len(indexes)} indexes")
         config = config or RewardConfig()
         super().__init__(retrievers[0], indexes[0], config, **scorer_options)
-        first = set(indexes[0].ids)
-        for index in indexes[1:]:
-            differ = first.symmetric_difference(index.ids)
-            if differ:
-                raise CorpusIndexError(f"indexes {indexes[0].name} and {index.name} do not hold the same ids (e.g. "
-                                       f"{min(differ)!r} is in one only); an ensemble ranks one corpus")
+        check_same_ids(indexes)
         quiet = config.model_copy(update={"alarms": AlarmConfig(enabled=False)})
         self.members = [RewardScorer(r, i, quiet, **scorer_options) for r, i in zip(retrievers[1:], indexes[1:])]
         """The scorers of the other retrievers (the alarms watch only the ensemble's samples)."""
@@ -99,14 +128,12 @@ def scorer_from_indexes(index_dirs: Sequence[str | Path], config: RewardConfig |
                         retriever: str | Retriever | None = None, scorer_options: dict[str, Any] | None = None,
                         **retriever_overrides: Any) -> RewardScorer:
     """The scorer of one index folder (:meth:`RewardScorer.from_index`) or, for several, the
-    :class:`EnsembleScorer` of each one's own retriever (``retriever`` is then refused: each index names its own).
+    :class:`EnsembleScorer` of each one's own retriever (``retriever`` is then refused: each index names its own;
+    :func:`check_ensemble_request`, before anything is loaded).
     """
+    check_ensemble_request(index_dirs, retriever)
     if len(index_dirs) == 1:
         return RewardScorer.from_index(index_dirs[0], config, retriever=retriever, scorer_options=scorer_options,
                                        **retriever_overrides)
-    if not index_dirs:
-        raise ValueError("no index given; pass an index folder (--index)")
-    if retriever is not None:
-        raise ValueError("retriever: an ensemble of indexes uses each index's own retriever; drop --retriever")
     loaded = [load_retriever_and_index(path, None, **retriever_overrides) for path in index_dirs]
     return EnsembleScorer([r for r, _ in loaded], [i for _, i in loaded], config, **(scorer_options or {}))

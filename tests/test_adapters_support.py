@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -171,6 +172,24 @@ def test_settings_precedence(clean_env: pytest.MonkeyPatch) -> None:
         _common.require_backend(_common.resolve_settings({}))
     with pytest.raises(ValueError, match="bad reward option"):
         _common.resolve_settings({"retries": "many"})
+
+
+@pytest.mark.parametrize(("value", "entry"), [("{a},", "entry 2 of 2"), (",{a}", "entry 1 of 2"),
+                                              ("{a}, ,{b}", "entry 2 of 3")])
+def test_an_empty_index_entry_is_refused_naming_it(clean_env: pytest.MonkeyPatch, tmp_path: Path, value: str,
+                                                   entry: str) -> None:
+    """``GRAPE_INDEX=A,`` (a stray comma): a clear error naming the empty entry, before any index is read (the
+    folders here do not exist, so reading one first would fail on that instead)."""
+    from grape_rewards.adapters.openrlhf import reward_lists
+
+    index = value.format(a=tmp_path / "a", b=tmp_path / "b")
+    clean_env.setenv("GRAPE_INDEX", index)
+    message = re.escape(f"GRAPE_INDEX) '{index}': {entry} is empty (a stray comma?)")
+    with pytest.raises(ValueError, match=message):
+        reward_lists(["a dog"], None, ['{"target_ids": ["cap000"]}'])
+    with pytest.raises(ValueError, match=message):
+        _common.in_process(_common.resolve_settings({}))
+    assert _common.index_paths(f" {tmp_path / 'a'} ,{tmp_path / 'b'}") == [str(tmp_path / "a"), str(tmp_path / "b")]
 
 
 def test_adapter_clients_wait_out_a_restart_by_default(clean_env: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ import pytest
 from grape_rewards.cli import main as cli_main
 from grape_rewards.corpus import CorpusIndex, CorpusIndexError, build_index, read_source
 from grape_rewards.demo import data_path
-from grape_rewards.ensemble import EnsembleScorer, retriever_keys
+from grape_rewards.ensemble import EnsembleScorer, retriever_keys, scorer_from_indexes
 from grape_rewards.retrievers import Retriever, create_retriever
 from grape_rewards.rewards import RewardConfig
 from grape_rewards.scorer import RewardItem, RewardScorer
@@ -89,9 +89,14 @@ def test_rank_part_is_the_mean_or_min_of_the_single_scorers(retrievers: dict[str
 def test_ensemble_needs_the_same_ids(retrievers: dict[str, Retriever], indexes: dict[str, Path],
                                      tmp_path: Path) -> None:
     fewer = build(retrievers["tiny_random"], tmp_path / "fewer", CAPTIONS[:-1])
-    with pytest.raises(CorpusIndexError, match=f"'{CAPTIONS[-1]['id']}' is in one only"):
+    with pytest.raises(CorpusIndexError, match=f"index {fewer} does not hold the same ids as "
+                                               f"{indexes['tiny_bert']}: '{CAPTIONS[-1]['id']}' is in "
+                                               f"{indexes['tiny_bert']} only \\(1 ids missing, 0 extra\\)"):
         EnsembleScorer([retrievers["tiny_bert"], retrievers["tiny_random"]],
                        [CorpusIndex.load(indexes["tiny_bert"]), CorpusIndex.load(fewer)])
+    with pytest.raises(CorpusIndexError, match=f"'{CAPTIONS[-1]['id']}' is in {indexes['tiny_random']} only"):
+        EnsembleScorer([retrievers["tiny_random"], retrievers["tiny_bert"]],  # the first one lacks it
+                       [CorpusIndex.load(fewer), CorpusIndex.load(indexes["tiny_random"])])
     with pytest.raises(ValueError, match="two or more retrievers"):
         EnsembleScorer([retrievers["tiny_bert"]], [CorpusIndex.load(indexes["tiny_bert"])])
 
@@ -126,3 +131,22 @@ def test_serve_score_and_adapters_accept_several_indexes(indexes: dict[str, Path
     assert [out["retriever_0_rank"], out["retriever_1_rank"]] == ranks
     assert out["part_rank"] == min(out["retriever_0_part_rank"], out["retriever_1_part_rank"])
     assert cli_main([*argv[:5], "--retriever", "text:all-MiniLM-L6-v2", *argv[5:]]) == 2  # one retriever each
+
+
+def test_a_retriever_beside_several_indexes_is_refused_once_before_loading(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One rule (ensemble.check_ensemble_request) for score, serve and the adapters: a ValueError, raised before any
+    index or model is read (the folders here do not exist), which the CLI reports as a usage error."""
+    missing = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for load in (lambda: scorer_from_indexes(missing, retriever="text:all-MiniLM-L6-v2"),
+                 lambda: load_scorer(ServeConfig(index=",".join(missing), retriever="text:all-MiniLM-L6-v2"))):
+        with pytest.raises(ValueError, match="each index's own retriever; drop --retriever"):
+            load()
+    with pytest.raises(ValueError, match="no index given"):
+        scorer_from_indexes([])
+    argv = ["serve", "--index", missing[0], "--index", missing[1], "--retriever", "text:all-MiniLM-L6-v2",
+            "--port", "0"]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    assert "grape-rewards serve: error: retriever: an ensemble of indexes uses each index's own retriever" in \
+        capsys.readouterr().err

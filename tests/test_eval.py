@@ -217,6 +217,160 @@ def test_eval_refuses_an_index_of_another_retriever(tmp_path: Path, retriever_sp
     assert "fingerprint" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------- ensembles
+
+
+def build_image_index(retriever_spec: str, images: Sequence[tuple[str, Path]], folder: Path) -> Path:
+    """``grape-rewards index build`` of (id, image path) records, listed in the order given."""
+    source = write_jsonl(folder.with_suffix(".jsonl"), [{"id": i, "image": str(p)} for i, p in images])
+    assert run_cli(["index", "build", "--retriever", retriever_spec, "--device", "cpu", "--quiet", "--source",
+                    source, "--out", folder]) == 0
+    return folder
+
+
+def combined(per_member: Sequence[Sequence[int]], k: int, rule: str) -> float:
+    """The ensemble's R@K computed here: per query, the mean or min of the retrievers' hits (rank <= k)."""
+    hits = np.asarray(per_member) <= k  # (retrievers, queries)
+    return 100.0 * float((hits.mean(axis=0) if rule == "mean" else hits.min(axis=0)).mean())
+
+
+@pytest.mark.slow
+def test_eval_ensemble_per_retriever_and_combined(tmp_path: Path, retriever_spec: str, hf_clip_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Two tiny random-init retrievers (open_clip and transformers CLIP), their indexes listing the same ids in
+    opposite orders: each retriever's figures are its single-index eval's, the combined R@K is the mean / min of
+    the per-query hits, and metrics.json keeps its single-index keys."""
+    root = tmp_path / "flickr"
+    drawn = write_flickr_release(root)
+    ids = [str(1000 + i) for i in range(len(drawn))]
+    rewrites = {"1": "a dog running on grass", "2": "", "4": "children playing in a park", "6": "a woman cooking"}
+    rw = write_jsonl(tmp_path / "rw.jsonl", [{"query_id": k, "rewrite": v, "raw": v, "model": "m"}
+                                             for k, v in rewrites.items()])
+    common = ["--benchmark", "flickr30k-cn", "--root", root, "--device", "cpu", "--rewrites", f"grape={rw}",
+              "--per-query", "--quiet"]
+    # Member 0: the tiny open_clip, indexed by eval in the benchmark's order (its single-index figures too).
+    idx_a = tmp_path / "idx_a"
+    assert run_cli(["eval", *common, "--retriever", retriever_spec, "--save-index", idx_a, "--no-plot",
+                    "--out", tmp_path / "single_0"]) == 0
+    # Member 1: the tiny transformers CLIP, indexed in reverse order (and, to compare, in the benchmark's order).
+    hf_spec = f"hf:{hf_clip_dir}"
+    idx_b = build_image_index(hf_spec, list(zip(ids, drawn))[::-1], tmp_path / "idx_b")
+    idx_b_fwd = build_image_index(hf_spec, list(zip(ids, drawn)), tmp_path / "idx_b_fwd")
+    assert CorpusIndex.load(idx_a).ids == ids and CorpusIndex.load(idx_b).ids == ids[::-1]
+    b = []
+    for j, idx in enumerate((idx_b, idx_b_fwd)):
+        assert run_cli(["eval", *common, "--index", idx, "--no-plot", "--out", tmp_path / f"single_1_{j}"]) == 0
+        b.append(json.loads((tmp_path / f"single_1_{j}" / "metrics.json").read_text()))
+    assert b[0]["methods"] == b[1]["methods"]  # the order of an index's ids changes nothing
+    singles = [json.loads((tmp_path / "single_0" / "metrics.json").read_text()), b[0]]
+    capsys.readouterr()
+
+    results = {}
+    for rule in ("mean", "min"):
+        out = tmp_path / f"ensemble_{rule}"
+        argv = ["eval", *common, "--index", idx_a, "--index", idx_b, "--out", out]
+        assert run_cli([*argv, "--ensemble", rule] if rule == "min" else argv) == 0  # mean: the default
+        printed = capsys.readouterr().out
+        result = results[rule] = json.loads((out / "metrics.json").read_text())
+        single_keys = {"benchmark", "retriever", "index", "protocol", "labelled", "headline", "methods", "files",
+                       "inflation"}
+        assert set(result) == single_keys | {"ensemble"} and set(singles[0]) == single_keys
+        assert result["retriever"] == singles[0]["retriever"] and result["index"] == singles[0]["index"]
+        ensemble = result["ensemble"]
+        assert ensemble["rule"] == rule
+        assert ensemble["combined"].startswith("ensemble R@K = the " + ("mean over" if rule == "mean" else "share"))
+        assert [m["retriever"]["spec"] for m in ensemble["members"]] == [retriever_spec, hf_spec]
+        assert [m["index"]["path"] for m in ensemble["members"]] == [str(idx_a), str(idx_b)]
+        for member, single in zip(ensemble["members"], singles):
+            assert member["methods"] == {name: {"metrics": m["metrics"]} for name, m in single["methods"].items()}
+        per_query = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+        for name in ("original", "grape"):
+            rows = [r for r in per_query if r["method"] == name]
+            assert len(rows) == 9 and all(r["rank"] == r["retriever_0_rank"] for r in rows)
+            ranks = [[r[f"retriever_{j}_rank"] for r in rows] for j in range(2)]
+            for j, single_dir in enumerate(["single_0", "single_1_0"]):
+                single_rows = (tmp_path / single_dir / "per_query.jsonl").read_text().splitlines()
+                assert ranks[j] == [json.loads(line)["rank"] for line in single_rows
+                                    if json.loads(line)["method"] == name]
+            metrics = result["methods"][name]["metrics"]
+            for k in (1, 5, 10):
+                assert metrics[f"R@{k}"] == pytest.approx(combined(ranks, k, rule)), (rule, name, k)
+            assert metrics["mean"] == pytest.approx(np.mean([metrics[f"R@{k}"] for k in (1, 5, 10)]))
+            if rule == "mean":  # the mean rule: the mean of the retrievers' R@K
+                assert metrics["R@5"] == pytest.approx(np.mean([s["methods"][name]["metrics"]["R@5"]
+                                                                for s in singles]))
+        assert result["methods"]["grape"]["fallback"] == {"missing": 5, "empty": 1, "total": 6}
+        assert set(result["inflation"]) == {f"{m} [retriever {j}]" for m in ("original", "grape") for j in (0, 1)}
+        assert result["inflation"]["grape [retriever 1]"] == singles[1]["inflation"]["grape"]
+        md = (out / "metrics.md").read_text()
+        assert md in printed and f"## Ensemble ({rule})" in md and f"## Retriever 1: `{hf_spec}`" in md
+        assert md.count("| method | R@1 | R@5 | R@10 | mean | Δmean | fallback |") == 3
+    mean, low = (results[r]["methods"]["original"]["metrics"] for r in ("mean", "min"))
+    assert all(low[k] <= mean[k] for k in mean)
+
+
+@pytest.mark.slow
+def test_eval_ensemble_cirr_val(tmp_path: Path, retriever_spec: str, hf_clip_dir: Path) -> None:
+    """CIRR with an ensemble: each (composed) retriever over its own index; R@K and R_subset@K combined per query
+    from the retrievers' ranks, avg from the combined figures."""
+    root = tmp_path / "cirr"
+    write_cirr_release(root, "val")
+    common = ["--benchmark", "cirr", "--root", root, "--split", "val", "--device", "cpu", "--per-query", "--no-plot",
+              "--quiet"]
+    singles, indexes = [], []
+    for j, spec in enumerate((retriever_spec, f"hf:{hf_clip_dir}")):
+        indexes.append(tmp_path / f"idx_{j}")
+        assert run_cli(["eval", *common, "--retriever", spec, "--save-index", indexes[-1],
+                        "--out", tmp_path / f"single_{j}"]) == 0
+        singles.append(json.loads((tmp_path / f"single_{j}" / "metrics.json").read_text()))
+    out = tmp_path / "ensemble"
+    assert run_cli(["eval", *common, "--index", indexes[0], "--index", indexes[1], "--ensemble", "min",
+                    "--out", out]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert [m["methods"]["original"]["metrics"] for m in result["ensemble"]["members"]] == \
+        [s["methods"]["original"]["metrics"] for s in singles]
+    assert all(m["retriever"]["type"] == "ComposedRetriever" for m in result["ensemble"]["members"])
+    rows = [json.loads(line) for line in (out / "per_query.jsonl").read_text().splitlines()]
+    ranks = [[r[f"retriever_{j}_rank"] for r in rows] for j in range(2)]
+    subset = [[r[f"retriever_{j}_subset_rank"] for r in rows] for j in range(2)]
+    metrics = result["methods"]["original"]["metrics"]
+    for k in (1, 5, 10, 50):
+        assert metrics[f"R@{k}"] == pytest.approx(combined(ranks, k, "min"))
+    for k in (1, 2, 3):
+        assert metrics[f"R_subset@{k}"] == pytest.approx(combined(subset, k, "min"))
+    assert metrics["avg"] == pytest.approx((metrics["R@5"] + metrics["R_subset@1"]) / 2)
+    assert "R_subset@K alike" in (out / "metrics.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_ensemble_refuses_bad_input(tmp_path: Path, retriever_spec: str, hf_clip_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Indexes of different ids (named, with an example id), a shared --retriever, CIRR submissions."""
+    root = tmp_path / "flickr"
+    drawn = write_flickr_release(root)
+    records = [(str(1000 + i), p) for i, p in enumerate(drawn)]
+    idx_a = build_image_index(retriever_spec, records, tmp_path / "idx_a")
+    fewer = build_image_index(f"hf:{hf_clip_dir}", records[:-1], tmp_path / "fewer")
+    base = ["eval", "--benchmark", "flickr30k-cn", "--root", root, "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    assert run_cli([*base, "--index", idx_a, "--index", fewer, "--out", tmp_path / "out"]) == 2
+    assert (f"index {fewer} does not hold the same ids as {idx_a}: '1011' is in {idx_a} only (1 ids missing, "
+            "0 extra)") in capsys.readouterr().err
+    assert run_cli([*base, "--index", idx_a, "--index", fewer, "--retriever", retriever_spec,
+                    "--out", tmp_path / "out"]) == 2
+    assert "drop --retriever" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    cirr = tmp_path / "cirr"
+    write_cirr_release(cirr, "test1", n_queries=1)
+    write_cirr_release(cirr, "val", n_queries=1)
+    missing = [tmp_path / "no-index-a", tmp_path / "no-index-b"]  # refused before any index is read
+    for split, flags in (("test", []), ("val", ["--write-submissions"])):
+        assert run_cli(["eval", "--benchmark", "cirr", "--root", cirr, "--split", split, "--index", missing[0],
+                        "--index", missing[1], *flags, "--out", tmp_path / "cirr_out", "--quiet"]) == 2
+        assert "an ensemble of indexes has no single ranking" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------------ CIRR
 
 

@@ -342,6 +342,27 @@ class InProcessScorer:
         return self.score([RewardItem(**dict(item)) for item in items], where)
 
 
+def index_paths(index: str) -> list[str]:
+    """The index folder(s) of the ``index`` setting (``GRAPE_INDEX``): comma-separated, several make an ensemble.
+
+    An empty entry (a stray comma) is refused, naming it, before anything is loaded.
+
+    >>> index_paths("idx/a, idx/b")
+    ['idx/a', 'idx/b']
+    >>> index_paths("idx/a,")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: grape-rewards: index (GRAPE_INDEX) 'idx/a,': entry 2 of 2 is empty (a stray comma?); ...
+    """
+    paths = [part.strip() for part in index.split(",")]
+    for position, path in enumerate(paths, 1):
+        if not path:
+            raise ValueError(f"grape-rewards: index (GRAPE_INDEX) {index!r}: entry {position} of {len(paths)} is "
+                             "empty (a stray comma?); give index folders separated by commas, e.g. "
+                             "GRAPE_INDEX=indexes/a,indexes/b")
+    return paths
+
+
 _scorers: dict[AdapterSettings, InProcessScorer] = {}
 _scorer_lock = threading.Lock()
 
@@ -360,8 +381,8 @@ def in_process(settings: AdapterSettings) -> InProcessScorer:
 
             logger.info("grape-rewards: loading %s (index %s) in-process on %s", settings.retriever or
                         "the index's retriever", settings.index, settings.device)
+            paths = index_paths(settings.index)  # several: an ensemble; checked before anything is read
             config = RewardConfig.from_yaml(settings.reward_config) if settings.reward_config else RewardConfig()
-            paths = [part.strip() for part in settings.index.split(",")]  # several: an ensemble
             scorer = InProcessScorer(scorer_from_indexes(paths, config, retriever=settings.retriever,
                                                          device=settings.device))
             _scorers[key] = scorer

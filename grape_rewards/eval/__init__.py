@@ -23,8 +23,9 @@ from .metrics import (
 )
 
 _LAZY: dict[str, str] = {
-    "EvalReport": "evaluate", "MethodResult": "evaluate", "RECALL_KS": "evaluate", "RewriteSet": "evaluate",
-    "encode_queries": "evaluate", "evaluate": "evaluate", "prepare_index": "evaluate",
+    "ENSEMBLE_RECALL": "evaluate", "EvalReport": "evaluate", "MethodResult": "evaluate", "RECALL_KS": "evaluate",
+    "RewriteSet": "evaluate", "encode_queries": "evaluate", "ensemble_recall_at_k": "evaluate",
+    "evaluate": "evaluate", "evaluate_ensemble": "evaluate", "prepare_index": "evaluate",
     "write_eval_outputs": "evaluate",
     "SimilarityDistribution": "inflation_report", "from_rank_stats": "inflation_report",
     "from_scored_jsonl": "inflation_report", "inflation_markdown": "inflation_report",
@@ -40,9 +41,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "CIRR_RECALL_KS", "CIRR_SUBMISSION_TOP_K", "CIRR_SUBSET_KS", "RECALL_KS", "EvalReport", "MethodResult",
-    "RewriteSet", "SimilarityDistribution", "cirr_submission", "encode_queries", "evaluate", "from_rank_stats",
-    "from_scored_jsonl", "inflation_markdown", "plot_inflation", "prepare_index", "recall_at_k", "subset_rank",
-    "subset_ranks", "summarize", "top_k_ids", "write_cirr_submissions", "write_eval_outputs",
-    "write_inflation_report",
+    "CIRR_RECALL_KS", "CIRR_SUBMISSION_TOP_K", "CIRR_SUBSET_KS", "ENSEMBLE_RECALL", "RECALL_KS", "EvalReport",
+    "MethodResult", "RewriteSet", "SimilarityDistribution", "cirr_submission", "encode_queries",
+    "ensemble_recall_at_k", "evaluate", "evaluate_ensemble", "from_rank_stats", "from_scored_jsonl",
+    "inflation_markdown", "plot_inflation", "prepare_index", "recall_at_k", "subset_rank", "subset_ranks",
+    "summarize", "top_k_ids", "write_cirr_submissions", "write_eval_outputs", "write_inflation_report",
 ]

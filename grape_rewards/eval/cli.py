@@ -8,6 +8,18 @@ submissions), ``grape-rewards inflation-report`` (the report from scored JSONL f
     grape-rewards eval --benchmark cirr --root data/cirr --split test1 --retriever composed:open_clip:ViT-L-14/openai \\
         --rewrites grape=rewrites/cirr_test.jsonl --out results/cirr_test      # submissions only
 
+With several ``--index`` (an ensemble: each index's own retriever, over the same corpus ids in any order), every
+retriever is evaluated over its own index and the report leads with the ensemble's combined Recall@K
+(``--ensemble mean``: the mean of the retrievers' R@K; ``min``: the share of queries whose target is in the top K
+of every retriever; the rule the ensemble reward combines rank parts by, on the recall@K shape), then one table
+per retriever. metrics.json keeps its keys (``methods`` then holds the combined metrics) and adds ``ensemble``
+(``rule``, ``combined``, and per retriever its ``retriever``, ``index`` and ``methods``); the inflation report
+has one distribution per retriever and method, and per_query.jsonl adds ``retriever_<j>_rank``. CIRR submission
+files need one ranking, so they are refused for an ensemble.
+
+    grape-rewards eval --benchmark flickr30k-cn --root data/flickr30k-cn --index indexes/vitl14 \\
+        --index indexes/siglip --ensemble min --rewrites grape=rewrites/grape.jsonl --out results/flickr-ensemble
+
 A CIRR submission the server would not take (a gallery under 51 images has no top 50 besides each reference)
 is refused on its own: the metrics are still written and printed, the reason goes to stderr, and the exit code
 is 1, since files that were asked for (``--write-submissions``, or the test split's only output) are missing.
@@ -33,28 +45,49 @@ def _named_paths(items: list[str]) -> list[tuple[str | None, Path]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..cli_args import retriever_from_args
     from ..corpus.index import read_manifest
+    from ..ensemble import check_ensemble_request
     from ..retrievers.composed import ComposedRetriever
     from ..rewrite.cli import benchmark_from_args
-    from .evaluate import RewriteSet, evaluate, prepare_index, write_eval_outputs
+    from .evaluate import (
+        RewriteSet,
+        check_ensemble_benchmark,
+        evaluate,
+        evaluate_ensemble,
+        prepare_index,
+        write_eval_outputs,
+    )
     from .inflation_report import from_scored_jsonl
 
     # Read every input before the (slow) model and corpus work, so a wrong path fails at once.
     rewrite_sets = [RewriteSet.from_file(path, name) for name, path in _named_paths(args.rewrites)]
     extra = [from_scored_jsonl(path, name) for name, path in _named_paths(args.scored)]
     benchmark = benchmark_from_args(args)
-    spec = args.retriever
-    if spec is None:
-        if args.index is None:
-            raise ValueError("--retriever is required unless --index names a prebuilt index")
-        spec = read_manifest(args.index)["retriever"]["spec"]
-    retriever = retriever_from_args(args, spec)
-    if benchmark.task == "composed" and not isinstance(retriever, ComposedRetriever):
-        # Composed queries fuse the reference image: wrap the CLIP retriever (same corpus embeddings).
-        retriever = ComposedRetriever(retriever, fusion=args.fusion, image_weight=args.image_weight)
-    index = prepare_index(benchmark, retriever, index_dir=args.index, save_dir=args.save_index,
-                          batch_size=args.corpus_batch_size, num_workers=args.num_workers, progress=not args.quiet)
-    report = evaluate(benchmark, retriever, index, rewrite_sets, batch_size=args.batch_size, limit=args.limit,
-                      submissions=args.write_submissions, progress=not args.quiet)
+    index_dirs: list[Path | None] = list(args.index or [None])  # None: build the index (--save-index or a temp dir)
+    if args.index:
+        check_ensemble_request(args.index, args.retriever)  # several: each index's own retriever
+        if len(args.index) > 1:
+            check_ensemble_benchmark(benchmark, args.write_submissions)
+    elif args.retriever is None:
+        raise ValueError("--retriever is required unless --index names a prebuilt index")
+    specs = [args.retriever] if args.retriever else [read_manifest(path)["retriever"]["spec"] for path in args.index]
+    members = []
+    for spec, index_dir in zip(specs, index_dirs):
+        retriever = retriever_from_args(args, spec)
+        if benchmark.task == "composed" and not isinstance(retriever, ComposedRetriever):
+            # Composed queries fuse the reference image: wrap the CLIP retriever (same corpus embeddings).
+            retriever = ComposedRetriever(retriever, fusion=args.fusion, image_weight=args.image_weight)
+        index = prepare_index(benchmark, retriever, index_dir=index_dir, save_dir=args.save_index,
+                              batch_size=args.corpus_batch_size, num_workers=args.num_workers,
+                              progress=not args.quiet)
+        members.append((retriever, index))
+    if len(members) > 1:
+        report = evaluate_ensemble(benchmark, members, rewrite_sets, rule=args.ensemble or "mean",
+                                   batch_size=args.batch_size, limit=args.limit, submissions=args.write_submissions,
+                                   progress=not args.quiet)
+    else:
+        retriever, index = members[0]
+        report = evaluate(benchmark, retriever, index, rewrite_sets, batch_size=args.batch_size, limit=args.limit,
+                          submissions=args.write_submissions, progress=not args.quiet)
     files = write_eval_outputs(report, args.out, per_query=args.per_query, extra_distributions=extra,
                                plot=not args.no_plot)
     print(report.to_markdown())
@@ -105,9 +138,16 @@ def register(subparsers: Any) -> None:
                    help="a scored JSONL (grape-rewards score) added to the inflation report only, e.g. rewrites "
                         "scored under another reward; repeatable")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--index", type=Path, help="a prebuilt index of the benchmark's corpus (fingerprint checked)")
+    g.add_argument("--index", type=Path, action="append",
+                   help="a prebuilt index of the benchmark's corpus (fingerprint checked); repeat it for an ensemble "
+                        "of the indexes' own retrievers over the same ids (no --retriever): Recall@K per retriever "
+                        "and combined (--ensemble)")
     g.add_argument("--save-index", type=Path,
                    help="build the corpus index here (or reuse the one already built here from the same corpus)")
+    p.add_argument("--ensemble", choices=["mean", "min"],
+                   help="several --index: the combined R@K is the mean over the queries of the mean (default: the "
+                        "mean of the retrievers' R@K) or the minimum (the share of queries in the top K of every "
+                        "retriever) of the retrievers' hits, as the ensemble reward combines rank parts")
     p.add_argument("--batch-size", type=int, default=256, help="queries per encoding batch")
     p.add_argument("--corpus-batch-size", type=int, default=64, help="corpus items per encoding batch")
     p.add_argument("--num-workers", type=int, default=4, help="image decoding threads")

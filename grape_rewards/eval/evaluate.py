@@ -11,19 +11,29 @@ Recall_subset@{1,2,3} over ``img_set.members`` minus the reference, and ``avg`` 
 (the average CIRR papers report). Composed queries fuse the reference image's embedding, read from the
 index, with the text (the retriever's fusion). The CIRR test split has no labels: only the two
 submission files of the CIRR server are written.
+
+An ensemble (:func:`evaluate_ensemble`: several retrievers, one index each, over the same corpus ids, as the
+ensemble reward of :mod:`grape_rewards.ensemble`) is evaluated once per retriever, each ranking over its own
+index, and combined per query the way the ensemble reward combines rank parts
+(:func:`~grape_rewards.rewards.composite.ensemble_rank_part`), applied to the recall@K shape: the ensemble's
+R@K is the mean over queries of the mean (``mean`` rule) or the minimum (``min``) of the retrievers' hits
+(rank <= K). Under ``mean`` that is the mean of the retrievers' R@K; under ``min`` the share of queries whose
+target is in the top K of every retriever (:data:`ENSEMBLE_RECALL`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +43,7 @@ from ..corpus.rank import DEFAULT_CHUNK_ELEMENTS, RankStats, pair_scores
 from ..corpus.source import CorpusSource
 from ..datasets.schema import Benchmark, Query
 from ..retrievers.base import Retriever
+from ..rewards.composite import ensemble_rank_part
 from .inflation_report import SimilarityDistribution, from_rank_stats
 from .metrics import CIRR_RECALL_KS, CIRR_SUBMISSION_TOP_K, CIRR_SUBSET_KS, recall_at_k, subset_ranks, top_k_ids
 
@@ -42,6 +53,14 @@ RECALL_KS: tuple[int, ...] = (1, 5, 10)
 """The K of text-to-image Recall@K."""
 ORIGINAL = "original"
 """The name of the original queries' method."""
+ENSEMBLE_RECALL: dict[str, str] = {
+    "mean": "ensemble R@K = the mean over the retrievers of their R@K (per query: the mean of the retrievers' "
+            "hits, rank <= K)",
+    "min": "ensemble R@K = the share of queries whose target is in the top K of every retriever (per query: the "
+           "minimum of the retrievers' hits, rank <= K)",
+}
+"""What an ensemble's combined Recall@K is under each rule (the ensemble reward's rank part under the recall@K
+shape, averaged over the queries); R_subset@K alike, and the headline (mean / avg) is computed from these."""
 
 
 # -- rewrite files ------------------------------------------------------------------------------------------
@@ -219,6 +238,12 @@ class EvalReport:
     """The evaluated queries, in order (the rows of every method's arrays)."""
     methods: list[MethodResult]
     labelled: bool = True
+    members: list[EvalReport] = field(default_factory=list)
+    """An ensemble's: each retriever's own evaluation, in order (empty for one retriever). The ensemble's
+    ``methods`` then hold the combined metrics (:data:`ENSEMBLE_RECALL`), the first retriever's statistics (as the
+    ensemble reward logs the first retriever's rank and similarities), and ``retriever``/``index`` are the first's."""
+    ensemble_rule: str | None = None
+    """An ensemble's rule: ``mean`` or ``min``."""
 
     @property
     def headline(self) -> str:
@@ -231,24 +256,54 @@ class EvalReport:
         raise KeyError(f"no method {name!r}; methods: {[m.name for m in self.methods]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"benchmark": self.benchmark, "retriever": self.retriever, "index": self.index,
-                "protocol": self.protocol, "labelled": self.labelled, "headline": self.headline,
-                "methods": {m.name: m.summary() for m in self.methods}}
+        """``metrics.json`` (less ``files`` and ``inflation``, which :func:`write_eval_outputs` adds). An ensemble
+        adds ``ensemble``: ``rule``, ``combined`` (the definition of its metrics, :data:`ENSEMBLE_RECALL`) and
+        ``members``, per retriever in order its ``retriever``, ``index`` and ``methods`` (name to ``metrics``)."""
+        out = {"benchmark": self.benchmark, "retriever": self.retriever, "index": self.index,
+               "protocol": self.protocol, "labelled": self.labelled, "headline": self.headline,
+               "methods": {m.name: m.summary() for m in self.methods}}
+        if self.members:
+            out["ensemble"] = {
+                "rule": self.ensemble_rule, "combined": ENSEMBLE_RECALL[str(self.ensemble_rule)],
+                "members": [{"retriever": r.retriever, "index": r.index,
+                             "methods": {m.name: {"metrics": m.metrics} for m in r.methods}} for r in self.members]}
+        return out
+
+    @staticmethod
+    def _retriever_line(retriever: dict[str, Any]) -> str:
+        line = f"`{retriever.get('spec')}`"
+        if "fusion" in retriever:
+            line += f", fusion {retriever['fusion']} (image weight {retriever.get('image_weight')})"
+        return line
 
     def to_markdown(self) -> str:
         """A markdown table: one row per method, the metrics in percent, the change of the headline metric
-        against the original queries, and how many queries fell back to the original."""
+        against the original queries, and how many queries fell back to the original. An ensemble's: the combined
+        table first, then one per retriever."""
         b = self.benchmark
         title = f"# {b['name']} ({b['split']}): {b['num_evaluated']} queries, corpus of {self.index['count']}\n\n"
-        title += f"Retriever `{self.retriever.get('spec')}`"
-        if "fusion" in self.retriever:
-            title += f", fusion {self.retriever['fusion']} (image weight {self.retriever.get('image_weight')})"
-        title += ".\n\n"
+        if self.members:
+            title += (f"Ensemble of {len(self.members)} retrievers, rule {self.ensemble_rule}: "
+                      + "; ".join(f"{j}: {self._retriever_line(r.retriever)} (index {r.index.get('path')})"
+                                  for j, r in enumerate(self.members)) + ".\n\n")
+            tables = [f"## Ensemble ({self.ensemble_rule})\n\n" + self._table()]
+            tables += [f"## Retriever {j}: {self._retriever_line(r.retriever)}\n\n" + r._table()
+                       for j, r in enumerate(self.members)]
+            definition = ENSEMBLE_RECALL[str(self.ensemble_rule)]
+            subset = "; R_subset@K alike" if self.protocol == "cirr" else ""
+            notes = [f"{definition[0].upper()}{definition[1:]}{subset}; the headline metric is computed from these. "
+                     "Each retriever's table ranks over its own index."]
+            return title + "\n\n".join(tables) + "\n\n" + self._notes(notes)
+        title += f"Retriever {self._retriever_line(self.retriever)}.\n\n"
         if not self.labelled:
             lines = [title + "Labels are hidden on this split: no metrics; submission files only.\n"]
             for m in self.methods:
                 lines.append(f"- {m.name}: {m.fallbacks} fallbacks to the original query\n")
             return "".join(lines)
+        return title + self._table() + "\n\n" + self._notes()
+
+    def _table(self) -> str:
+        """The metrics table of :meth:`to_markdown` (labelled splits)."""
         keys = [k for k in (self.methods[0].metrics or {})]
         header = ["method", *keys, f"Δ{self.headline}", "fallback"]
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -261,6 +316,9 @@ class EvalReport:
             cells.append(f"{m.fallbacks} ({m.fallback_missing} missing, {m.fallback_empty} empty)" if m.fallbacks
                          else "0")
             lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def _notes(self, extra: Sequence[str] = ()) -> str:
         notes = []
         if self.protocol == "cirr":
             notes.append("R@K over the whole gallery minus the reference image; R_subset@K over the query's image "
@@ -269,16 +327,23 @@ class EvalReport:
             notes.append("mean = mean of R@1, R@5 and R@10.")
         notes.append("Δ: change of the headline metric against the original queries. fallback: queries a rewrite "
                      "file lacks or leaves empty, evaluated with the original query.")
-        return title + "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+        return "\n".join([*notes, *extra]) + "\n"
 
     def similarity_distributions(self) -> list[SimilarityDistribution]:
-        """Per method: similarity to the target, to the best and to the mean non-target (for the inflation report)."""
+        """Per method: similarity to the target, to the best and to the mean non-target (for the inflation report).
+        An ensemble's: per retriever and method, named ``<method> [retriever <j>]`` (similarities of different
+        retrievers are not on one scale, so none is combined)."""
+        if self.members:
+            return [from_rank_stats(f"{m.name} [retriever {j}]", m.stats, m.source)
+                    for j, r in enumerate(self.members) for m in r.methods if m.stats is not None]
         return [from_rank_stats(m.name, m.stats, m.source) for m in self.methods if m.stats is not None]
 
     def per_query_rows(self) -> list[dict[str, Any]]:
-        """One row per (method, query): rank, similarities, subset rank, whether it fell back."""
+        """One row per (method, query): rank, similarities, subset rank, whether it fell back. An ensemble's rows
+        are the first retriever's, plus ``retriever_<j>_rank`` (and CIRR's ``retriever_<j>_subset_rank``) for each
+        retriever ``j``, as the ensemble reward's samples."""
         rows = []
-        for m in self.methods:
+        for i_method, m in enumerate(self.methods):
             fallback = set(m.fallback_ids)
             for i, q in enumerate(self.queries):
                 row: dict[str, Any] = {"method": m.name, "query_id": q.query_id, "query": m.texts[i],
@@ -290,6 +355,12 @@ class EvalReport:
                                margin=float(m.stats.margin[i]))
                 if m.subset_ranks is not None:
                     row["subset_rank"] = m.subset_ranks[i]
+                for j, r in enumerate(self.members):
+                    member = r.methods[i_method]
+                    if member.stats is not None:
+                        row[f"retriever_{j}_rank"] = int(member.stats.rank[i])
+                    if member.subset_ranks is not None:
+                        row[f"retriever_{j}_subset_rank"] = member.subset_ranks[i]
                 rows.append(row)
         return rows
 
@@ -311,6 +382,67 @@ def method_texts(queries: Sequence[Query], rewrites: RewriteSet | None) -> Metho
         result.fallback_ids.append(q.query_id)
         result.texts.append(q.text)
     return result
+
+
+RecallFn = Callable[[bool, Sequence[int]], dict[str, float]]
+"""``recall(subset, ks)``: Recall@K in percent for each K, plus ``mean`` (as :func:`recall_at_k`), over the whole
+gallery (``subset`` False) or CIRR's image sets (True)."""
+
+
+def protocol_metrics(protocol: str, recall: RecallFn) -> dict[str, float]:
+    """The metrics a protocol reports, from its Recall@K: ``recall``'s R@1/5/10 and mean; CIRR's R@1/5/10/50,
+    R_subset@1/2/3 and avg = (R@5 + R_subset@1) / 2.
+
+    >>> protocol_metrics("cirr", lambda subset, ks: {f"R@{k}": (10.0 if subset else 1.0) * k for k in ks})
+    {'R@1': 1.0, 'R@5': 5.0, 'R@10': 10.0, 'R@50': 50.0, 'R_subset@1': 10.0, 'R_subset@2': 20.0, \
+'R_subset@3': 30.0, 'avg': 7.5}
+    """
+    if protocol != "cirr":
+        return recall(False, RECALL_KS)
+    full, sub = recall(False, CIRR_RECALL_KS), recall(True, CIRR_SUBSET_KS)
+    metrics = {f"R@{k}": full[f"R@{k}"] for k in CIRR_RECALL_KS}
+    metrics.update({f"R_subset@{k}": sub[f"R@{k}"] for k in CIRR_SUBSET_KS})
+    metrics["avg"] = (metrics["R@5"] + metrics["R_subset@1"]) / 2
+    return metrics
+
+
+def ensemble_recall_at_k(member_ranks: Sequence[Sequence[int] | np.ndarray], ks: Sequence[int],
+                         rule: str) -> dict[str, float]:
+    """An ensemble's Recall@K in percent, plus ``mean`` (:data:`ENSEMBLE_RECALL`): per query, the retrievers' hits
+    (rank <= K, the recall@K shape) combined by :func:`~grape_rewards.rewards.composite.ensemble_rank_part` (the
+    ensemble reward's rule), averaged over the queries. ``member_ranks``: each retriever's 1-based ranks of the
+    same queries.
+
+    >>> ranks = [[1, 4, 12], [3, 1, 2]]  # two retrievers' ranks of three queries
+    >>> for rule in ("mean", "min"):
+    ...     print(rule, {k: round(v, 2) for k, v in ensemble_recall_at_k(ranks, (1, 5), rule).items()})
+    mean {'R@1': 33.33, 'R@5': 83.33, 'mean': 58.33}
+    min {'R@1': 0.0, 'R@5': 66.67, 'mean': 33.33}
+    """
+    if len(member_ranks) < 2:
+        raise ValueError(f"an ensemble needs two or more retrievers' ranks, got {len(member_ranks)}")
+    for ranks in member_ranks:
+        recall_at_k(ranks, ks)  # the same checks: 1-D, integers >= 1, valid ks
+    arrays = [np.asarray(r) for r in member_ranks]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"the retrievers ranked different numbers of queries: {[len(a) for a in arrays]}")
+    out: dict[str, float] = {}
+    for k in ks:
+        hits = np.stack([a <= k for a in arrays], axis=1).astype(float)  # (queries, retrievers)
+        out[f"R@{k}"] = 100.0 * math.fsum(ensemble_rank_part(row.tolist(), rule) for row in hits) / len(hits)
+    out["mean"] = float(np.mean([out[f"R@{k}"] for k in ks]))
+    return out
+
+
+def ranks_recall(full: Sequence[Sequence[int] | np.ndarray], subset: Sequence[Sequence[int] | np.ndarray],
+                 rule: str = "mean") -> RecallFn:
+    """The :data:`RecallFn` of one retriever's ranks (``full``: its whole-gallery ranks, ``subset``: CIRR's image-set
+    ranks, each a one-item list) or, for several, of their ensemble under ``rule``."""
+    def recall(in_subset: bool, ks: Sequence[int]) -> dict[str, float]:
+        ranks = subset if in_subset else full
+        return recall_at_k(ranks[0], ks) if len(ranks) == 1 else ensemble_recall_at_k(ranks, ks, rule)
+
+    return recall
 
 
 def _subset_scores(queries: torch.Tensor, index: CorpusIndex, subsets: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -400,13 +532,7 @@ def evaluate(
             if protocol == "cirr":
                 scores = [dict(zip(s, sc)) for s, sc in zip(subsets, subset_scores)]
                 m.subset_ranks = subset_ranks(scores, [t[0] for t in targets], references)
-                full = recall_at_k(ranks, CIRR_RECALL_KS)
-                sub = recall_at_k(m.subset_ranks, CIRR_SUBSET_KS)
-                m.metrics = {k: v for k, v in full.items() if k != "mean"}
-                m.metrics.update({f"R_subset@{k}": sub[f"R@{k}"] for k in CIRR_SUBSET_KS})
-                m.metrics["avg"] = (m.metrics["R@5"] + m.metrics["R_subset@1"]) / 2
-            else:
-                m.metrics = recall_at_k(ranks, RECALL_KS)
+            m.metrics = protocol_metrics(protocol, ranks_recall([ranks], [m.subset_ranks or []]))
         if protocol == "cirr" and (submissions or not labelled):
             k = CIRR_SUBMISSION_TOP_K["recall"] + 1  # one more: the reference may be among the top
             _, top = index.search(emb, k, backend="torch")
@@ -419,6 +545,64 @@ def evaluate(
     index_info = {"path": str(index.path) if index.path else None, "count": len(index), "dim": index.dim,
                   "fingerprint": index.fingerprint}
     return EvalReport(benchmark_info, retriever.describe(), index_info, protocol, queries, methods, labelled)
+
+
+def check_ensemble_benchmark(benchmark: Benchmark, submissions: bool = False) -> None:
+    """Refuse what an ensemble cannot evaluate, before any model or index is loaded: CIRR submission files (asked
+    for, or the only output of an unlabelled split) list one ranking of the gallery, and an ensemble has none."""
+    if benchmark.name != "cirr":
+        return
+    if submissions or not any(q.target_ids for q in benchmark.queries()):
+        raise ValueError("CIRR submission files rank the gallery by one retriever, and an ensemble of indexes has no "
+                         "single ranking: evaluate one --index at a time for submissions (without "
+                         "--write-submissions, an ensemble reports the metrics of a labelled split)")
+
+
+def evaluate_ensemble(
+    benchmark: Benchmark,
+    members: Sequence[tuple[Retriever, CorpusIndex]],
+    rewrite_sets: Sequence[RewriteSet] = (),
+    *,
+    rule: str = "mean",
+    batch_size: int = 256,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    limit: int | None = None,
+    submissions: bool = False,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate an ensemble: :func:`evaluate` with each retriever over its own index (the indexes must hold the same
+    ids, in any order: :func:`~grape_rewards.ensemble.check_same_ids`), then the combined metrics of each method
+    under ``rule`` (``mean`` or ``min``, :data:`ENSEMBLE_RECALL`).
+
+    The report's ``methods`` hold the combined metrics with the first retriever's statistics (the per-query rows'
+    ``rank`` and similarities, as the ensemble reward logs them) and ``members`` each retriever's own report.
+    CIRR submissions are refused (:func:`check_ensemble_benchmark`).
+    """
+    from ..ensemble import check_same_ids
+
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs two or more retrievers, one index each; got {len(members)}")
+    if rule not in ENSEMBLE_RECALL:
+        raise ValueError(f"unknown ensemble rule {rule!r}; choose {' or '.join(map(repr, ENSEMBLE_RECALL))}")
+    check_same_ids([index for _, index in members])
+    check_ensemble_benchmark(benchmark, submissions)
+    reports = [evaluate(benchmark, retriever, index, rewrite_sets, batch_size=batch_size,
+                        chunk_elements=chunk_elements, limit=limit, progress=progress)
+               for retriever, index in members]
+    first = reports[0]
+    methods = []
+    for i, m in enumerate(first.methods):
+        per = [r.methods[i] for r in reports]
+        combined = MethodResult(m.name, m.texts, source=m.source, models=m.models, fallback_missing=m.fallback_missing,
+                                fallback_empty=m.fallback_empty, fallback_ids=list(m.fallback_ids), stats=m.stats,
+                                subset_ranks=m.subset_ranks)
+        if first.labelled:
+            full = [p.stats.rank.numpy() for p in per if p.stats is not None]
+            combined.metrics = protocol_metrics(first.protocol,
+                                                ranks_recall(full, [p.subset_ranks or [] for p in per], rule))
+        methods.append(combined)
+    return EvalReport(first.benchmark, first.retriever, first.index, first.protocol, first.queries, methods,
+                      first.labelled, members=reports, ensemble_rule=rule)
 
 
 def write_eval_outputs(report: EvalReport, out_dir: str | Path, *, per_query: bool = False,
@@ -434,6 +618,11 @@ def write_eval_outputs(report: EvalReport, out_dir: str | Path, *, per_query: bo
     its top 50 besides the reference) is refused on its own: the metrics and the other files are still written,
     and the reason is logged and returned under ``files["submissions_refused"]`` (method name to reason), and
     in ``metrics.json`` as the method's ``submissions_refused``.
+
+    An ensemble's report (:func:`evaluate_ensemble`) writes the same files: ``metrics.json`` adds ``ensemble``
+    (:meth:`EvalReport.to_dict`), ``metrics.md`` a table per retriever after the combined one, the inflation report
+    one distribution per retriever and method (``<method> [retriever <j>]``), and ``per_query.jsonl`` the first
+    retriever's rows with each retriever's ``retriever_<j>_rank`` (CIRR: ``retriever_<j>_subset_rank``).
     """
     from ..corpus.files import atomic_write_bytes, atomic_write_json
     from .inflation_report import write_inflation_report

@@ -33,7 +33,7 @@ from ..ensemble import EnsembleScorer, scorer_from_indexes
 from ..framework_io import native_answer, openrlhf_answer
 from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
 from .batcher import BatcherClosed, MicroBatcher, QueueFull, SearchQuery
-from .config import ConfigError, ServeConfig
+from .config import ServeConfig
 from .metrics import CONTENT_TYPE, ENDPOINTS, ServiceMetrics
 from .protocol import (
     RequestError,
@@ -217,12 +217,10 @@ def validated(scorer: RewardScorer, items: list[RewardItem], where: str,
 
 def load_scorer(config: ServeConfig) -> RewardScorer:
     """The scorer the config names (:meth:`RewardScorer.from_index`: a fingerprint mismatch is refused), an
-    :class:`~grape_rewards.ensemble.EnsembleScorer` when it names several indexes."""
-    paths = config.index_paths
-    if len(paths) > 1 and config.retriever:
-        raise ConfigError("retriever: an ensemble of indexes uses each index's own retriever; drop --retriever")
+    :class:`~grape_rewards.ensemble.EnsembleScorer` when it names several indexes (a retriever beside several is
+    refused by :func:`~grape_rewards.ensemble.scorer_from_indexes`, a ValueError, before anything is loaded)."""
     return scorer_from_indexes(
-        paths, config.load_reward_config(), retriever=config.retriever, device=config.device,
+        config.index_paths, config.load_reward_config(), retriever=config.retriever or None, device=config.device,
         fusion=config.fusion, image_weight=config.image_weight,
         scorer_options={"cache_size": config.cache_size, "cache_bytes": config.cache_bytes,
                         "max_text_chars": config.max_text_chars})
