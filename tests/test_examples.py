@@ -135,6 +135,10 @@ def test_trl_grpo_demo_runs_a_step() -> None:
     out = run([sys.executable, str(EXAMPLES / "trl_grpo_demo.py"), "--steps", "1", "--num-generations", "2",
                "--max-completion-length", "8"], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "step 1: reward" in out.stdout
+    assert "step 1: reward" in out.stdout and "greedy rewrite after training" in out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 1 and len(summary["rewards"]) == 1
+    assert summary["steps"] == 1 and len(summary["rewards"]) == 1 and summary["query"] == "vague-tennis"
+    assert summary["first_third_reward"] == summary["last_third_reward"] == summary["rewards"][0]
+    for key in ("greedy_before", "greedy_after"):
+        assert isinstance(summary[key]["rewrite"], str) and -1.0 <= summary[key]["reward"] <= 1.0
+    assert summary["seconds_per_step"] > 0
