@@ -50,7 +50,7 @@ def load_hf_parts(
     A folder that does not exist, or a hub name that cannot be fetched (offline), raises an error naming
     what to pass instead.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer  # not AutoImageProcessor: see below
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     model = resolve_model_path(model)
     spec = spec or model
@@ -73,11 +73,7 @@ def load_hf_parts(
             raise TypeError(f"{type(net).__name__} (from {spec!r}) has no get_text_features()/get_image_features(); "
                             "hf: retrievers need a CLIP-family model; use text:<model> for text encoders")
         tokenizer = AutoTokenizer.from_pretrained(model)
-        processor = None
-        if kind == "clip":  # imported only here: it pulls in torchvision and torch._dynamo (~3-5 s on a small CPU)
-            from transformers import AutoImageProcessor
-
-            processor = AutoImageProcessor.from_pretrained(model)
+        processor = AutoImageProcessor.from_pretrained(model) if kind == "clip" else None
     except (OSError, ValueError) as exc:
         hint = ("pass a local folder (e.g. one saved with save_pretrained, or a downloaded hub snapshot), "
                 "or make the hub reachable; set HF_HUB_OFFLINE=1 to use only the local cache")
