@@ -88,10 +88,6 @@ def parse_label(raw: Any) -> Label:
         raw = {"target_ids": raw}
     if not isinstance(raw, dict):
         raise LabelError(f"label must be an object, an id or a list of ids, got {type(raw).__name__}")
-    if _plainly_valid(raw):  # the common shape, checked by hand: no validator run per sample on the hot path
-        return Label.model_construct(target_ids=raw["target_ids"], excluded_ids=raw.get("excluded_ids", []),
-                                     reference_id=raw.get("reference_id"), query_id=raw.get("query_id"),
-                                     original_query=raw.get("original_query"))
     try:
         return Label.model_validate(raw)
     except RecursionError:
@@ -99,20 +95,3 @@ def parse_label(raw: Any) -> Label:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'label'}: {e['msg']}" for e in exc.errors())
         raise LabelError(f"bad label ({problems})") from None
-
-
-_OPTIONAL_STRINGS = ("reference_id", "query_id", "original_query")
-_LABEL_FIELDS = frozenset(Label.model_fields)
-
-
-def _plainly_valid(raw: dict[str, Any]) -> bool:
-    """Whether ``raw`` is already exactly what :class:`Label` would validate it to (lists of strings, strings)."""
-    if not raw.keys() <= _LABEL_FIELDS:
-        return False
-    targets = raw.get("target_ids")
-    if not isinstance(targets, list) or not targets or not all(type(t) is str for t in targets):
-        return False
-    excluded = raw.get("excluded_ids", [])
-    if not isinstance(excluded, list) or not all(type(t) is str for t in excluded):
-        return False
-    return all(raw.get(key) is None or type(raw[key]) is str for key in _OPTIONAL_STRINGS)

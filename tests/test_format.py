@@ -128,8 +128,8 @@ _label_values = st.one_of(st.none(), st.text(max_size=5), st.integers(-3, 3), st
 @settings(max_examples=400, deadline=None)
 @given(raw=st.dictionaries(st.sampled_from(["target_ids", "excluded_ids", "reference_id", "query_id",
                                             "original_query", "other"]), _label_values, max_size=6))
-def test_label_fast_path_equals_validation(raw):
-    """parse_label skips pydantic for labels already in the schema's exact shape; the result must not differ."""
+def test_parse_label_of_a_mapping_is_pydantics_validation(raw):
+    """parse_label of a mapping gives what Label.model_validate gives, or refuses what it refuses (a LabelError)."""
     from pydantic import ValidationError
 
     from grape_rewards.labels import Label, LabelError, parse_label

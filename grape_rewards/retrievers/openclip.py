@@ -250,7 +250,7 @@ def encode_text_tokens(model: torch.nn.Module, tokens: torch.Tensor, pad_free: b
     seq = tokens.shape[1]
     cast_dtype = tower.transformer.get_cast_dtype()
     x = tower.token_embedding(tokens).to(cast_dtype) + tower.positional_embedding[:seq].to(cast_dtype)
-    if _plain_blocks(tower.transformer):
+    if x.device.type == "cuda" and _plain_blocks(tower.transformer):  # on the CPU open_clip's own blocks are faster
         x = causal_transformer(tower.transformer, x)
     else:
         x = tower.transformer(x, attn_mask=tower.attn_mask[:seq, :seq])
@@ -284,7 +284,8 @@ def causal_transformer(transformer: torch.nn.Module, x: torch.Tensor) -> torch.T
     The same blocks, weights and order of operations as ``Transformer.forward`` with its causal ``attn_mask``, but
     attention runs through ``scaled_dot_product_attention(is_causal=True)``, which has flash kernels, instead of
     ``nn.MultiheadAttention`` with an additive float mask (much slower on a GPU for short texts: docs/shortcuts.md).
-    On a GPU the attention kernel is the fastest one measured for the shape (:mod:`.attention`).
+    On a GPU the attention kernel is the fastest one measured for the shape (:mod:`.attention`). Used on CUDA only:
+    on the CPU open_clip's own blocks measured faster (``benchmarks/results/shortcuts-cpu.md``).
     """
     fn = torch.nn.functional
     batch, length, width = x.shape
