@@ -178,13 +178,15 @@ class ServeConfig(BaseModel):
             "--insecure if the network is trusted")
 
     def uvicorn_limits(self) -> dict[str, Any]:
-        """uvicorn settings that bound what a client can make the server hold: the h11 parser, which caps the
-        request head at ``max_header_bytes`` (httptools has no such cap).
+        """uvicorn settings that bound what a client can make the server hold: the httptools parser with the
+        request head capped at ``max_header_bytes`` (:mod:`grape_rewards.server.http_protocol`).
 
-        >>> ServeConfig(index="i").uvicorn_limits()
-        {'http': 'h11', 'h11_max_incomplete_event_size': 65536}
+        >>> ServeConfig(index="i").uvicorn_limits()["http"].max_head_bytes
+        65536
         """
-        return {"http": "h11", "h11_max_incomplete_event_size": self.max_header_bytes}
+        from .http_protocol import bounded_httptools_protocol  # imports uvicorn: only when serving
+
+        return {"http": bounded_httptools_protocol(self.max_header_bytes)}
 
     def public_dict(self) -> dict[str, Any]:
         """The settings without the token, for /info and logs."""
