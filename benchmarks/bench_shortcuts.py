@@ -1,12 +1,13 @@
-"""What three of the package's shortcuts buy over their plain paths, on the CPU, in one run (see docs/shortcuts.md).
+"""What two of the package's shortcuts buy over their plain paths, on the CPU, in one run (see docs/shortcuts.md).
 
-- labels: :func:`grape_rewards.labels.parse_label` (the common shape checked by hand) vs ``Label.model_validate``
-  (pydantic), per decoded label of the shape ``grape-rewards prepare`` writes (JSON decoding is the same for both);
 - tokenizer: :class:`~grape_rewards.retrievers.clip_tokenizer.FastCLIPTokenizer` vs open_clip's own tokenizer, on
   512 English rewrites (the token tensor a batch is encoded from);
 - causal tower: :func:`~grape_rewards.retrievers.openclip.causal_transformer` (scaled_dot_product_attention,
-  is_causal) vs open_clip's masked ``nn.MultiheadAttention`` blocks, on a random-init ViT-B-32 text tower, 128
-  rewrites at their true length (pad-free in both).
+  is_causal; the path CUDA runs) vs open_clip's masked ``nn.MultiheadAttention`` blocks (the path the CPU runs), the
+  text transformer of a random-init ViT-B-32 on 128 embedded rewrites at their true length.
+
+A third, the label parsing that skipped pydantic, was removed after this benchmark measured it slower than the
+validation it replaced (``results/shortcuts-cpu-before-removal.md``).
 
 Each pair computes the same thing (asserted before timing); the figure is the plain path's time over the shortcut's.
 
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 from common import write_result
 
-from grape_rewards.labels import Label, parse_label
 from grape_rewards.retrievers import create_retriever
 from grape_rewards.retrievers import openclip as openclip_module
 
@@ -42,15 +42,6 @@ def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def bench_labels(repeats: int) -> dict[str, float]:
-    labels = [{"target_ids": [f"img_{i}"], "query_id": f"q{i}", "original_query": "一只狗在草地上"}
-              for i in range(2000)]
-    assert [parse_label(lab) for lab in labels] == [Label.model_validate(lab) for lab in labels]
-    plain = best_seconds(lambda: [Label.model_validate(lab) for lab in labels], repeats)
-    fast = best_seconds(lambda: [parse_label(lab) for lab in labels], repeats)
-    return {"plain_us": plain / len(labels) * 1e6, "shortcut_us": fast / len(labels) * 1e6, "speedup": plain / fast}
-
-
 def rewrites(count: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 18))) for _ in range(count)]
@@ -66,24 +57,25 @@ def bench_tokenizer(retriever: Any, repeats: int) -> dict[str, float]:
 
 
 def bench_causal_tower(retriever: Any, repeats: int) -> dict[str, float]:
+    """The text transformer alone on embedded tokens: open_clip's blocks with the additive causal mask (the plain
+    path, what the CPU runs) vs :func:`~grape_rewards.retrievers.openclip.causal_transformer` (the CUDA path)."""
     tokens = retriever.fast_tokenizer.pack(retriever.fast_tokenizer.encode(rewrites(128, seed=1)))
     width = int((tokens != 0).sum(1).max())
-    tokens = tokens[:, :width]
-    model = retriever.model
+    tower = openclip_module._text_tower(retriever.model)
+    assert tower is not None and openclip_module._plain_blocks(tower.transformer)
+    with torch.inference_mode():
+        x = tower.token_embedding(tokens[:, :width]) + tower.positional_embedding[:width]
+        mask = tower.attn_mask[:width, :width]
 
-    def encode(plain: bool) -> torch.Tensor:
-        original = openclip_module._plain_blocks
-        if plain:  # open_clip's own blocks, with its additive causal mask
-            openclip_module._plain_blocks = lambda transformer: False  # type: ignore[assignment]
-        try:
-            with torch.inference_mode():
-                return openclip_module.encode_text_tokens(model, tokens)
-        finally:
-            openclip_module._plain_blocks = original  # type: ignore[assignment]
+        def plain_path() -> torch.Tensor:
+            return tower.transformer(x, attn_mask=mask)
 
-    assert torch.allclose(encode(True), encode(False), atol=1e-4)
-    plain = best_seconds(lambda: encode(True), repeats)
-    short = best_seconds(lambda: encode(False), repeats)
+        def causal_path() -> torch.Tensor:
+            return openclip_module.causal_transformer(tower.transformer, x)
+
+        assert torch.allclose(plain_path(), causal_path(), atol=1e-4)
+        plain = best_seconds(plain_path, repeats)
+        short = best_seconds(causal_path, repeats)
     return {"texts": 128.0, "tokens": float(width), "plain_ms": plain * 1e3, "shortcut_ms": short * 1e3,
             "speedup": plain / short}
 
@@ -93,7 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     retriever = create_retriever("random:open_clip:ViT-B-32", device="cpu")
-    result = {"labels": bench_labels(args.repeats), "tokenizer": bench_tokenizer(retriever, args.repeats),
+    result = {"tokenizer": bench_tokenizer(retriever, args.repeats),
               "causal_tower": bench_causal_tower(retriever, args.repeats),
               "torch_threads": torch.get_num_threads()}
     rows = [f"| {name} | {r['speedup']:.2f}x | " + ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k != "speedup")
