@@ -7,8 +7,9 @@ packaged all-MiniLM-L6-v2 over the 100 demo captions (the index is built once an
 - ``this tree``: the checkout the benchmark runs from;
 - ``baseline`` (``--baseline-tree DIR``, optional): another checkout's ``grape_rewards`` (e.g. ``git worktree add
   /tmp/base <commit>``), so that a change is measured against what it replaced in the same run;
-- ``import floor``: ``python -c "import torch, transformers, fastapi, uvicorn"`` and the BERT modelling module,
-  what any such service pays before its own code runs.
+- two import floors, each a fresh ``python -c``: ``import torch``, and ``torch`` + the BERT model class of
+  transformers (which imports torchvision and torch._dynamo on the way): what any service of this model pays
+  before its own code runs.
 
     python benchmarks/bench_startup.py --rounds 5 [--baseline-tree /tmp/base]
 """
@@ -31,7 +32,8 @@ from common import write_result
 from grape_rewards.server.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-FLOOR = "import torch, transformers, fastapi, uvicorn; import transformers.models.bert.modeling_bert"
+FLOORS = {"import torch": "import torch",
+          "import torch + transformers' BertModel": "import torch; from transformers import BertModel"}
 
 
 def demo_index(cache: Path) -> Path:
@@ -69,9 +71,9 @@ def time_to_ready(tree: Path, index: Path) -> float:
         proc.wait(60)
 
 
-def import_floor() -> float:
+def import_floor(code: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", FLOOR], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - t0
 
 
@@ -83,11 +85,12 @@ def main() -> int:
     args = p.parse_args()
     index = demo_index(args.cache_dir)
     setups = {"this tree": REPO, **({"baseline": args.baseline_tree.resolve()} if args.baseline_tree else {})}
-    rows: dict[str, list[float]] = {name: [] for name in [*setups, "import floor"]}
+    rows: dict[str, list[float]] = {name: [] for name in [*setups, *FLOORS]}
     for r in range(args.rounds):
         for name, tree in setups.items():
             rows[name].append(time_to_ready(tree, index))
-        rows["import floor"].append(import_floor())
+        for name, code in FLOORS.items():
+            rows[name].append(import_floor(code))
         print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in rows.items()), flush=True)
     medians = {n: statistics.median(v) for n, v in rows.items()}
     lines = ["# Time to ready of `grape-rewards serve` (CPU)\n", "{header}",
@@ -99,8 +102,10 @@ def main() -> int:
     if "baseline" in medians:
         lines.append(f"\nThis tree / baseline: {medians['this tree'] / medians['baseline']:.2f} (median over rounds); "
                      f"baseline tree: `{setups['baseline']}`.")
-    lines.append(f"\nThis tree over the import floor: {medians['this tree'] - medians['import floor']:.2f} s "
-                 "(loading the model and index, building the app, binding, warming up).")
+    floor = medians["import torch + transformers' BertModel"]
+    lines.append(f"\nThis tree minus the torch + transformers import floor: {medians['this tree'] - floor:+.2f} s "
+                 "(Python start-up, the service's own imports, loading the model and index, building the app, "
+                 "binding, warming up).")
     markdown = "\n".join(lines) + "\n"
     write_result("startup-cpu", {"rounds": rows, "medians": medians, "baseline_tree": str(args.baseline_tree or "")},
                  markdown)
