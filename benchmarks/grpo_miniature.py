@@ -506,7 +506,69 @@ def markdown(result: dict[str, Any]) -> str:
                                                 ("reward", "target_sim", "mean_sim", "margin", "rank",
                                                  "rewrite_words", "distinct_per_group")) + " |")
     lines += ["", "## Verdict", "", result["verdict"], "", "![curves](grpo-miniature.png)", ""]
+    lines += cost_and_reproducibility(result)
     return "\n".join(lines)
+
+
+def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
+    """How far a rerun's figures are from the recorded ones: the largest absolute difference of every held-out
+    summary figure (per arm and seed), of the per-step training logs and of the best-of-N figures, and whether the
+    verdicts agree. ``identical`` when every difference is 0.
+
+    >>> run = {"heldout_summary": {"rank-seed0": {"minilm_r1": 0.5}}, "runs": [{"arm": "rank", "seed": 0,
+    ...        "logs": [{"step": 1, "reward": 0.25}]}], "best_of_n": {"stats": {}}, "verdict": "x", "wall_seconds": 60}
+    >>> compare_runs(run, run)["identical"]
+    True
+    >>> other = json.loads(json.dumps(run)); other["runs"][0]["logs"][0]["reward"] = 0.5
+    >>> compare_runs(run, other)["training_logs"]
+    {'rank-seed0': 0.25}
+    """
+    def largest(a: Any, b: Any) -> float:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return max((largest(a[k], b[k]) for k in a.keys() & b.keys()), default=0.0)
+        if isinstance(a, list) and isinstance(b, list):
+            return max((largest(x, y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else math.inf
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return 0.0 if a == b else abs(float(a) - float(b))
+        return 0.0 if a == b else math.inf
+
+    def logs(result: dict[str, Any]) -> dict[str, Any]:
+        return {f"{r['arm']}-seed{r['seed']}": [{k: v for k, v in row.items() if k != "seconds"} for row in r["logs"]]
+                for r in result["runs"]}
+
+    summary = {k: largest(v, rerun["heldout_summary"].get(k)) for k, v in recorded["heldout_summary"].items()}
+    rec_logs, new_logs = logs(recorded), logs(rerun)
+    training = {k: largest(v, new_logs.get(k)) for k, v in rec_logs.items()}
+    best_of_n = largest(recorded["best_of_n"]["stats"], rerun["best_of_n"]["stats"])
+    same_verdict = recorded["verdict"] == rerun["verdict"]
+    return {"heldout_summary": summary, "training_logs": training, "best_of_n": best_of_n,
+            "same_verdict": same_verdict, "rerun_wall_seconds": rerun["wall_seconds"],
+            "rerun_machine": rerun.get("machine"), "rerun_loadavg_end": rerun.get("loadavg_end"),
+            "rerun_command": rerun.get("command"), "rerun_versions": rerun.get("versions"),
+            "identical": same_verdict and best_of_n == 0 and not any(summary.values()) and not any(training.values())}
+
+
+def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
+    """The md section on wall time and reruns, from the json's ``cost_note`` and ``reruns`` (see --compare)."""
+    lines = ["## Cost and reproducibility", ""]
+    if result.get("cost_note"):
+        lines += [result["cost_note"], ""]
+    for rerun in result.get("reruns", []):
+        load = rerun.get("rerun_loadavg_end")
+        head = (f"**Rerun** (`{rerun['rerun_command']}`, {rerun['rerun_machine']['date']}): wall time "
+                f"{rerun['rerun_wall_seconds'] / 60:.1f} min"
+                + (f", load average at its end {', '.join(f'{x:.2f}' for x in load)}" if load else "") + ". ")
+        if rerun["identical"]:
+            body = ("Every figure is identical to the recorded run's (held-out summaries, per-step training logs, "
+                    "best-of-N), and so is the verdict.")
+        else:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in rerun["heldout_summary"].items())
+            training = ", ".join(f"{k} {v:.4g}" for k, v in rerun["training_logs"].items())
+            body = (f"Largest absolute differences from the recorded run, per held-out summary: {summary}; per-step "
+                    f"training logs: {training}; best-of-N {rerun['best_of_n']:.4g}; same verdict: "
+                    f"{'yes' if rerun['same_verdict'] else 'no'}.")
+        lines += [head + body, ""]
+    return lines if len(lines) > 2 else []
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -622,6 +684,7 @@ def run(cfg: RunConfig, out: Path, name: str = "grpo-miniature", command: str = 
     }
     result["machine"] = machine()
     result["wall_seconds"] = time.perf_counter() - t_start
+    result["loadavg_end"] = list(os.getloadavg())
     result["verdict"] = verdict(result)
 
     rewrites_dir = out / name
@@ -692,7 +755,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-completion-length", type=int)
     parser.add_argument("--policy", help="a local transformers model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compare", type=Path, metavar="RERUN_JSON",
+                        help="compare a rerun's json (run with another --out) with the recorded one in --out: the "
+                             "differences go into the recorded json's 'reruns' and its md; nothing is trained")
     args = parser.parse_args(argv)
+    if args.compare:
+        from grape_rewards.corpus.files import atomic_write_bytes, atomic_write_json
+
+        recorded_path = args.out / "grpo-miniature.json"
+        recorded = json.loads(recorded_path.read_text())
+        comparison = compare_runs(recorded, json.loads(args.compare.read_text()))
+        recorded["reruns"] = [*recorded.get("reruns", []), comparison]
+        atomic_write_json(recorded_path, recorded)
+        atomic_write_bytes(recorded_path.with_suffix(".md"), markdown(recorded).encode("utf-8"))
+        print("\n".join(cost_and_reproducibility(recorded)))
+        return 0
 
     import torch
 

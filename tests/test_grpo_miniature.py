@@ -120,3 +120,19 @@ def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
         recomputed = {**_recall_minilm(corpus, rewrites, targets), **_recall_bm25(corpus, rewrites, targets)}
         for key, value in recomputed.items():
             assert recorded[key] == pytest.approx(value, abs=1e-9), (summary_key, key)
+
+    # A rerun's comparison (--compare): the run against itself is identical; a changed figure is found and named.
+    perturbed = json.loads(json.dumps(result))
+    perturbed["heldout_summary"]["untrained"]["minilm_r1"] += 0.25
+    (tmp_path / "self.json").write_text(json.dumps(result))
+    (tmp_path / "perturbed.json").write_text(json.dumps(perturbed))
+    for rerun in ("self.json", "perturbed.json"):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "grpo_miniature.py"), "--out", str(tmp_path),
+                               "--compare", str(tmp_path / rerun)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    reruns = json.loads((tmp_path / "grpo-miniature.json").read_text())["reruns"]
+    assert [r["identical"] for r in reruns] == [True, False]
+    assert reruns[1]["heldout_summary"]["untrained"] == pytest.approx(0.25)
+    assert reruns[1]["heldout_summary"]["original"] == 0 and not any(reruns[1]["training_logs"].values())
+    md = (tmp_path / "grpo-miniature.md").read_text()
+    assert "## Cost and reproducibility" in md and "Every figure is identical" in md and "untrained 0.25" in md
