@@ -21,8 +21,8 @@ when the policy seems to be gaming the reward rather than learning to retrieve:
 An alarm is checked only once its windows are full (``window`` samples; the two trends need ``2 * window``).
 Turning on logs one WARNING (turning off, one INFO). The alarms never change a reward; each scored sample
 carries the flags as ``alarm_<name>`` (0.0 or 1.0), so OpenRLHF's and verl's logs and TRL's metrics show them
-beside the reward. Pure Python, no torch: about 20 µs of CPU per sample on the 2-core benchmark machine (a MiniLM
-reward there costs about 3 ms per sample at batch 64).
+beside the reward. Pure Python, no torch; what they cost per sample and through the service:
+``benchmarks/bench_alarms.py`` and its results (benchmarks/README.md, "Alarms and the ensemble").
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 The scan of a score chunk needs, per query row, ``max(scores)``, ``count(scores > high)`` and
 ``count(scores > low)`` (the two edges of the band of near-ties that are decided exactly: see
-:func:`~grape_rewards.rewards.rank.tie_band`). In torch that is ``amax`` plus two comparisons and sums: several
-reads of the chunk (1024 x 65,536 float32 = 256 MiB; about 0.6 ms per chunk on an H200). :func:`row_max_count`
-reads it once (Triton). Every result is exact (the same float32 comparisons; a score equal to a threshold is not
-above it), so they must be equal bit for bit.
+:func:`~grape_rewards.corpus.rank.tie_band`). In torch that is ``amax`` plus two comparisons and sums: several
+reads of the chunk (1024 x 65,536 float32 = 256 MiB; its cost on an H200: benchmarks/results/gpu-h200.md).
+:func:`row_max_count` reads it once (Triton). Every result is exact (the same float32 comparisons; a score equal to a
+threshold is not above it), so they must be equal bit for bit.
 
 ``GRAPE_FUSED_RANK`` chooses: ``auto`` (the default) checks the kernel on each GPU the first time a scan runs
 there (:func:`probe`: a chunk-sized problem with masked entries and ties, results compared with torch's exactly,
