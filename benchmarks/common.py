@@ -81,9 +81,10 @@ def _sync(device: torch.device) -> None:
 
 
 def write_result(name: str, result: dict[str, Any], markdown: str) -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` (with the machine and the command)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write ``results/<name>.json`` and ``results/<name>.md`` atomically (with the machine and the command)."""
+    from grape_rewards.corpus.files import atomic_write_bytes
+
     result = {"command": command(), "machine": machine(), **result}
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(RESULTS / f"{name}.json", (json.dumps(result, indent=2) + "\n").encode("utf-8"))
     header = (f"Command: `{result['command']}`\n\nMachine: {json.dumps(result['machine'])}\n\n")
-    (RESULTS / f"{name}.md").write_text(markdown.replace("{header}", header))
+    atomic_write_bytes(RESULTS / f"{name}.md", markdown.replace("{header}", header).encode("utf-8"))
