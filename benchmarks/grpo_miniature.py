@@ -512,25 +512,29 @@ def markdown(result: dict[str, Any]) -> str:
 
 def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
     """How far a rerun's figures are from the recorded ones: the largest absolute difference of every held-out
-    summary figure (per arm and seed), of the per-step training logs and of the best-of-N figures, and whether the
-    verdicts agree. ``identical`` when every difference is 0.
+    summary figure (per arm and seed), of the per-step training logs and of the best-of-N figures, the names of the
+    figures that differ anywhere, and whether the verdicts agree. ``identical`` when every difference is 0.
 
     >>> run = {"heldout_summary": {"rank-seed0": {"minilm_r1": 0.5}}, "runs": [{"arm": "rank", "seed": 0,
     ...        "logs": [{"step": 1, "reward": 0.25}]}], "best_of_n": {"stats": {}}, "verdict": "x", "wall_seconds": 60}
     >>> compare_runs(run, run)["identical"]
     True
     >>> other = json.loads(json.dumps(run)); other["runs"][0]["logs"][0]["reward"] = 0.5
-    >>> compare_runs(run, other)["training_logs"]
-    {'rank-seed0': 0.25}
+    >>> compare_runs(run, other)["training_logs"], compare_runs(run, other)["differing_figures"]
+    ({'rank-seed0': 0.25}, ['reward'])
     """
-    def largest(a: Any, b: Any) -> float:
+    differing: set[str] = set()
+
+    def largest(a: Any, b: Any, name: str = "") -> float:
         if isinstance(a, dict) and isinstance(b, dict):
-            return max((largest(a[k], b[k]) for k in a.keys() & b.keys()), default=0.0)
-        if isinstance(a, list) and isinstance(b, list):
-            return max((largest(x, y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else math.inf
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            return 0.0 if a == b else abs(float(a) - float(b))
-        return 0.0 if a == b else math.inf
+            return max((largest(a[k], b[k], k) for k in a.keys() & b.keys()), default=0.0)
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            return max((largest(x, y, name) for x, y in zip(a, b)), default=0.0)
+        if a == b:
+            return 0.0
+        differing.add(name)
+        numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+        return abs(float(a) - float(b)) if numbers else math.inf
 
     def logs(result: dict[str, Any]) -> dict[str, Any]:
         return {f"{r['arm']}-seed{r['seed']}": [{k: v for k, v in row.items() if k != "seconds"} for row in r["logs"]]
@@ -542,7 +546,10 @@ def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, A
     best_of_n = largest(recorded["best_of_n"]["stats"], rerun["best_of_n"]["stats"])
     same_verdict = recorded["verdict"] == rerun["verdict"]
     return {"heldout_summary": summary, "training_logs": training, "best_of_n": best_of_n,
-            "same_verdict": same_verdict, "rerun_wall_seconds": rerun["wall_seconds"],
+            "differing_figures": sorted(differing), "same_verdict": same_verdict,
+            "rerun_wall_seconds": rerun["wall_seconds"],
+            "rerun_train_seconds": {f"{r['arm']}-seed{r['seed']}": r.get("train_seconds") for r in rerun["runs"]},
+            "rerun_seconds_before_training": rerun.get("seconds_before_training"),
             "rerun_machine": rerun.get("machine"), "rerun_loadavg_end": rerun.get("loadavg_end"),
             "rerun_command": rerun.get("command"), "rerun_versions": rerun.get("versions"),
             "identical": same_verdict and best_of_n == 0 and not any(summary.values()) and not any(training.values())}
@@ -564,9 +571,10 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
         else:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in rerun["heldout_summary"].items())
             training = ", ".join(f"{k} {v:.4g}" for k, v in rerun["training_logs"].items())
-            body = (f"Largest absolute differences from the recorded run, per held-out summary: {summary}; per-step "
-                    f"training logs: {training}; best-of-N {rerun['best_of_n']:.4g}; same verdict: "
-                    f"{'yes' if rerun['same_verdict'] else 'no'}.")
+            differing = ", ".join(f"`{k}`" for k in rerun.get("differing_figures", [])) or "not recorded"
+            body = (f"Figures that differ: {differing}. Largest absolute differences from the recorded run, per "
+                    f"held-out summary: {summary}; per-step training logs: {training}; best-of-N "
+                    f"{rerun['best_of_n']:.4g}; same verdict: {'yes' if rerun['same_verdict'] else 'no'}.")
         lines += [head + body, ""]
     return lines if len(lines) > 2 else []
 
@@ -650,6 +658,7 @@ def run(cfg: RunConfig, out: Path, name: str = "grpo-miniature", command: str = 
         chosen = [flat[i * cfg.best_of_n + int(np.argmax(values[i]))] for i in range(len(bon_queries))]
         best_of_n["stats"][pick] = row_stats(judge(judges, chosen, bon_targets)["per_query"])
 
+    seconds_before_training = time.perf_counter() - t_start
     runs = []
     for seed in cfg.seeds:
         for arm in ("rank", "similarity"):
@@ -683,6 +692,7 @@ def run(cfg: RunConfig, out: Path, name: str = "grpo-miniature", command: str = 
                             **{f"{r['arm']}-seed{r['seed']}": r["final"]["summary"] for r in runs}},
     }
     result["machine"] = machine()
+    result["seconds_before_training"] = seconds_before_training
     result["wall_seconds"] = time.perf_counter() - t_start
     result["loadavg_end"] = list(os.getloadavg())
     result["verdict"] = verdict(result)
