@@ -243,6 +243,20 @@ def test_a_text_index_picks_the_text_task(tmp_path: Path, text_encoder_dir: Path
     assert "--task multilingual does not fit" in capsys.readouterr().err and not (tmp_path / "p3").exists()
 
 
+def test_a_composed_benchmark_on_a_text_index_is_refused(tmp_path: Path, text_encoder_dir: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """``prepare --benchmark cirr`` against an index of a text corpus: CIRR's queries need a reference image."""
+    index = tiny_text_index(tmp_path, text_encoder_dir)
+    root = tmp_path / "cirr"
+    write_cirr_train(root)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--benchmark", "cirr", "--root", str(root), "--split", "train", "--index", str(index),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a composed (reference image) query, but the index embeds a text corpus" in err
+    assert not out.exists()
+
+
 def test_the_text_task_is_selectable_without_an_index(tmp_path: Path) -> None:
     src = tmp_path / "queries.jsonl"
     src.write_text(json.dumps(ZH_QUERIES[0], ensure_ascii=False) + "\n", encoding="utf-8")
