@@ -248,32 +248,81 @@ def messages(query: task.MiniQuery) -> list[dict[str, str]]:
 
 def generate(model: Any, tokenizer: Any, queries: Sequence[task.MiniQuery], max_new_tokens: int,
              samples: int = 1, temperature: float = 1.0, batch_size: int = 48, seed: int = 0) -> list[list[str]]:
-    """Completions per query: greedy when ``samples == 1``, else ``samples`` draws at ``temperature``."""
+    """Completions per query: greedy when ``samples == 1``, else ``samples`` draws at ``temperature``.
+
+    Batches of ``batch_size`` rows (``batch_size // samples`` queries), shortest prompts first; each batch goes
+    through :func:`generate_sharing_prefill`.
+    """
     import torch
 
     was_training = model.training
     model.eval()
     prompts = [tokenizer.apply_chat_template(messages(q), tokenize=False, add_generation_prompt=True)
                for q in queries]
-    expanded = [p for p in prompts for _ in range(samples)]
-    order = sorted(range(len(expanded)), key=lambda i: len(expanded[i]))  # similar lengths batch together
-    texts = [""] * len(expanded)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(queries)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    per_batch = max(1, batch_size // samples)
+    texts: list[list[str]] = [[] for _ in queries]
+    kwargs: dict[str, Any] = ({"do_sample": False} if samples == 1 else
+                              {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0})
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            enc = tokenizer([expanded[i] for i in batch], return_tensors="pt", padding=True).to(model.device)
-            kwargs: dict[str, Any] = ({"do_sample": False} if samples == 1 else
-                                      {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0})
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 use_cache=True, **kwargs)
-            for i, text in zip(batch, tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                                             skip_special_tokens=True)):
-                texts[i] = text
+        for start in range(0, len(order), per_batch):
+            batch = order[start:start + per_batch]
+            out = generate_sharing_prefill(model, [prompt_ids[i] for i in batch], samples,
+                                           pad_token_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
+                                           **kwargs)
+            decoded = tokenizer.batch_decode(out, skip_special_tokens=True)
+            for j, i in enumerate(batch):
+                texts[i] = decoded[j * samples:(j + 1) * samples]
     torch.random.set_rng_state(generator_state)
     model.train(was_training)
-    return [texts[i * samples:(i + 1) * samples] for i in range(len(queries))]
+    return texts
+
+
+def generate_sharing_prefill(model: Any, prompt_ids: Sequence[Sequence[int]], copies: int, pad_token_id: int,
+                             **generate_kwargs: Any) -> Any:
+    """``model.generate`` on each prompt repeated ``copies`` times; returns the new tokens, ``copies`` rows per prompt.
+
+    The prompts' common token prefix (the system prompt: 42 of ~71 tokens here) is prefilled once, each prompt's
+    rest once, and the cache is then repeated for the copies: the plain way prefills every row in full. The
+    tokens and positions each row attends to are the plain way's; only the pads sit between prefix and rest
+    instead of before the prefix. ``tests/test_grpo_miniature.py`` checks that greedy decoding gives the plain
+    way's tokens; ``bench_miniature_cost.py`` records the gain.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    device = model.device
+    shortest = min(len(ids) for ids in prompt_ids)
+    common = 0
+    while common < shortest - 1 and all(ids[common] == prompt_ids[0][common] for ids in prompt_ids):
+        common += 1  # every prompt keeps at least one token after the prefix
+    prefix = list(prompt_ids[0][:common])
+    rests = [list(ids[len(prefix):]) for ids in prompt_ids]
+    width = max(len(r) for r in rests)
+    rest_ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rests], device=device)
+    rest_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rests], device=device)
+    n = len(prompt_ids)
+    input_ids = torch.cat([torch.tensor([prefix], device=device, dtype=rest_ids.dtype).expand(n, -1), rest_ids], 1)
+    attention_mask = torch.cat([torch.ones(n, len(prefix), device=device, dtype=rest_mask.dtype), rest_mask], 1)
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate computes them
+
+    cache = DynamicCache(config=model.config)
+    if prefix:
+        model(input_ids=input_ids[:1, :len(prefix)], position_ids=positions[:1, :len(prefix)], cache=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(n)
+    end = input_ids.shape[1] - 1  # generate feeds the last prompt token itself
+    if end > len(prefix):
+        model(input_ids=input_ids[:, len(prefix):end], attention_mask=attention_mask[:, :end],
+              position_ids=positions[:, len(prefix):end], cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(copies)
+    out = model.generate(input_ids=input_ids.repeat_interleave(copies, 0),
+                         attention_mask=attention_mask.repeat_interleave(copies, 0), cache=cache,
+                         pad_token_id=pad_token_id, use_cache=True, **generate_kwargs)
+    return out[:, input_ids.shape[1]:]
 
 
 def rewrites_of(completions: Sequence[str]) -> list[str]:
@@ -310,6 +359,47 @@ class GroupStatsReward:
         return rewards
 
 
+def completion_logprob_trainer() -> type:
+    """TRL's ``GRPOTrainer``, projecting only the completion positions through the LM head.
+
+    TRL 1.x replaces the policy's LM head with a fused, chunked one. Where Triton is missing (on CPU) it scores
+    every position of prompt and completion, to keep tile shapes fixed: here that is ~94 positions per sequence
+    where the loss reads ~24, and the head (49,152 x 576) dominated a training step. This subclass asks the model
+    for the completion positions only (``logits_to_keep``, as TRL did before the fused head) and reads their
+    log-probabilities and entropies with TRL's own ``selective_log_softmax_and_entropy``; the rest of GRPO is TRL's.
+    ``tests/test_grpo_miniature.py`` checks that both give the same log-probabilities, entropies and gradients;
+    ``bench_miniature_cost.py`` records the gain. Multimodal or MoE inputs go to TRL's own method.
+    """
+    from trl import GRPOTrainer
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    class CompletionLogprobGRPOTrainer(GRPOTrainer):  # type: ignore[misc]
+        def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Any, attention_mask: Any,
+                                               logits_to_keep: int, batch_size: int | None = None,
+                                               compute_entropy: bool = False, compute_aux_loss: bool = False,
+                                               **multimodal: Any) -> tuple[Any, Any, Any]:
+            import torch
+
+            if compute_aux_loss or any(v is not None for v in multimodal.values()):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **multimodal)
+            batch_size = batch_size or input_ids.size(0)
+            all_logps, all_entropies = [], []
+            for start in range(0, input_ids.size(0), batch_size):
+                ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+                with self.accelerator.autocast():
+                    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+                logps, entropies = selective_log_softmax_and_entropy(
+                    logits[:, :-1].float(), ids[:, -logits_to_keep:], temperature=self.temperature,
+                    row_mask=mask[:, -logits_to_keep:])
+                all_logps.append(logps)
+                all_entropies.append(entropies)
+            return (torch.cat(all_logps), torch.cat(all_entropies) if compute_entropy else None, None)
+
+    return CompletionLogprobGRPOTrainer
+
+
 LOG_KEYS = ("rank", "recall_at_1", "target_sim", "mean_sim", "margin", "format_ok", "num_tokens")
 
 
@@ -320,7 +410,7 @@ def train_arm(arm: str, seed: int, hyper: Hyper, judges: Judges, train: Sequence
     """GRPO on one reward; held-out evaluation every ``eval_every`` steps. Returns logs, evals, final rewrites."""
     from datasets import Dataset
     from transformers import TrainerCallback, set_seed
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from grape_rewards.adapters.trl import make_reward_func
 
@@ -377,8 +467,9 @@ def train_arm(arm: str, seed: int, hyper: Hyper, judges: Judges, train: Sequence
         temperature=hyper.temperature, learning_rate=hyper.learning_rate, lr_scheduler_type="constant",
         max_steps=hyper.steps, beta=0.0, logging_steps=1, report_to="none", save_strategy="no", bf16=False,
         log_completions=False, disable_tqdm=True, gradient_checkpointing=False)
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, callbacks=[Evaluate(), Collect()])
+    trainer_class = completion_logprob_trainer()
+    trainer = trainer_class(model=model, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(rows),
+                            processing_class=tokenizer, callbacks=[Evaluate(), Collect()])
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
@@ -555,11 +646,38 @@ def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, A
             "identical": same_verdict and best_of_n == 0 and not any(summary.values()) and not any(training.values())}
 
 
+def previous_record(recorded: dict[str, Any], previous: dict[str, Any], note: str) -> dict[str, Any]:
+    """An earlier record's headline figures, verdict and wall time, and how far the record is from it."""
+    return {"note": note, "wall_seconds": previous["wall_seconds"], "verdict": previous["verdict"],
+            "minilm_r1": {arm: previous["arms"][arm]["stats"]["minilm_r1"]["mean"] for arm in ("rank", "similarity")},
+            "rank_minus_similarity": previous["paired"]["rank_minus_similarity"]["minilm_r1"],
+            "heldout_summary": previous["heldout_summary"], "best_of_n": previous["best_of_n"],
+            "comparison": compare_runs(recorded, previous)}
+
+
 def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
     """The md section on wall time and reruns, from the json's ``cost_note`` and ``reruns`` (see --compare)."""
     lines = ["## Cost and reproducibility", ""]
+    if result.get("seconds_before_training") is not None:
+        arms = ", ".join(f"{r['arm']} seed {r['seed']} {r['train_seconds'] / 60:.1f}" for r in result["runs"])
+        lines += [f"Wall time {result['wall_seconds'] / 60:.1f} min: {result['seconds_before_training'] / 60:.1f} "
+                  f"before training (original queries, untrained policy, best-of-{result['best_of_n']['n']}), then "
+                  f"per arm and seed (held-out evaluations included) {arms} min.", ""]
     if result.get("cost_note"):
         lines += [result["cost_note"], ""]
+    previous = result.get("previous_record")
+    if previous:
+        diff = previous["comparison"]
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in diff["heldout_summary"].items())
+        lines += [f"**Previous record** ({previous['note']}): wall time {previous['wall_seconds'] / 60:.1f} min; "
+                  f"held-out MiniLM R@1 rank {100 * previous['minilm_r1']['rank']:.1f}, similarity "
+                  f"{100 * previous['minilm_r1']['similarity']:.1f}; rank - similarity "
+                  f"{100 * previous['rank_minus_similarity']['mean']:+.1f} "
+                  f"[{100 * previous['rank_minus_similarity']['ci95'][0]:+.1f}, "
+                  f"{100 * previous['rank_minus_similarity']['ci95'][1]:+.1f}] points. Its verdict: "
+                  f"{previous['verdict']} Largest absolute differences of this record from it, per held-out summary: "
+                  f"{summary}; best-of-N {diff['best_of_n']:.4g}; same verdict: "
+                  f"{'yes' if diff['same_verdict'] else 'no'}.", ""]
     for rerun in result.get("reruns", []):
         load = rerun.get("rerun_loadavg_end")
         head = (f"**Rerun** (`{rerun['rerun_command']}`, {rerun['rerun_machine']['date']}): wall time "
@@ -765,17 +883,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-completion-length", type=int)
     parser.add_argument("--policy", help="a local transformers model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--previous", type=Path, metavar="OLD_RECORD_JSON",
+                        help="keep an earlier record's headline figures and its differences from the record in --out "
+                             "(its 'previous_record' and md); --previous-note says what the earlier record was")
+    parser.add_argument("--previous-note", default="an earlier record")
     parser.add_argument("--compare", type=Path, metavar="RERUN_JSON",
                         help="compare a rerun's json (run with another --out) with the recorded one in --out: the "
                              "differences go into the recorded json's 'reruns' and its md; nothing is trained")
     args = parser.parse_args(argv)
-    if args.compare:
+    if args.compare or args.previous:
         from grape_rewards.corpus.files import atomic_write_bytes, atomic_write_json
 
         recorded_path = args.out / "grpo-miniature.json"
         recorded = json.loads(recorded_path.read_text())
-        comparison = compare_runs(recorded, json.loads(args.compare.read_text()))
-        recorded["reruns"] = [*recorded.get("reruns", []), comparison]
+        if args.compare:
+            comparison = compare_runs(recorded, json.loads(args.compare.read_text()))
+            recorded["reruns"] = [*recorded.get("reruns", []), comparison]
+        if args.previous:
+            recorded["previous_record"] = previous_record(recorded, json.loads(args.previous.read_text()),
+                                                          args.previous_note)
         atomic_write_json(recorded_path, recorded)
         atomic_write_bytes(recorded_path.with_suffix(".md"), markdown(recorded).encode("utf-8"))
         print("\n".join(cost_and_reproducibility(recorded)))

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,3 +137,85 @@ def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
     assert reruns[1]["heldout_summary"]["original"] == 0 and not any(reruns[1]["training_logs"].values())
     md = (tmp_path / "grpo-miniature.md").read_text()
     assert "## Cost and reproducibility" in md and "Every figure is identical" in md and "untrained 0.25" in md
+
+
+@needs_training
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_completion_logprob_trainer_equals_trls_fused_head(tmp_path: Path, temperature: float) -> None:
+    """The miniature's trainer projects only the completion positions; TRL's fused head on CPU projects all of
+    them. Same log-probabilities, entropies and gradients on the completion tokens (tiny random Llama)."""
+    import grpo_miniature
+    import torch
+    from datasets import Dataset
+    from test_adapters_support import smol_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = smol_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, temperature=temperature, beta=0.0, report_to="none", bf16=False)
+    trainer = grpo_miniature.completion_logprob_trainer()(
+        model=model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)], args=args,
+        train_dataset=Dataset.from_list([{"prompt": "a"}]), processing_class=tok)
+    model = trainer.model
+    # Left-padded prompts of different lengths, right-padded completions of different lengths.
+    ids = torch.randint(0, len(tok), (4, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    mask[2, -2:] = 0
+    mask[3, -5:] = 0
+    keep = 6
+
+    def outputs(method: Any) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logps, entropies, _ = method(trainer, model, ids, mask, keep, compute_entropy=True)
+        completion = mask[:, -keep:].bool()
+        (logps[completion].sum() + 0.1 * entropies[completion].sum()).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        return logps[completion].detach(), entropies[completion].detach(), grads
+
+    fused = outputs(GRPOTrainer._get_per_token_logps_and_entropies)
+    plain = outputs(type(trainer)._get_per_token_logps_and_entropies)
+    torch.testing.assert_close(plain[0], fused[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain[1], fused[1], rtol=1e-5, atol=1e-5)
+    assert len(plain[2]) == len(fused[2]) > 0
+    for g_plain, g_fused in zip(plain[2], fused[2]):
+        torch.testing.assert_close(g_plain, g_fused, rtol=1e-4, atol=1e-6)
+
+
+@needs_training
+def test_generate_sharing_prefill_gives_plain_generates_tokens() -> None:
+    """Prefilling the common prefix once and each prompt's rest once, then repeating the cache, decodes (greedy)
+    the tokens that plain left-padded ``generate`` decodes, copies included, with or without a common prefix."""
+    import grpo_miniature
+    import torch
+    from test_adapters_support import smol_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smol_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        initializer_range=0.5)).eval()  # large weights: attention and positions decide the tokens
+    system = tok("Rewrite the search query as one short photo caption. Query:")["input_ids"]
+    queries = [tok(q)["input_ids"] for q in (" a dog", " two red kites over a beach at noon", " x")]
+    cases = {"common prefix": [system + q for q in queries], "no common prefix": [q + system for q in queries],
+             "one prompt": [system + queries[0]]}
+    for name, prompts in cases.items():
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)[:, width:]
+            shared = grpo_miniature.generate_sharing_prefill(model, prompts, 3, pad_token_id=tok.pad_token_id,
+                                                             max_new_tokens=8, do_sample=False)
+        assert torch.equal(shared, plain.repeat_interleave(3, 0)), name
