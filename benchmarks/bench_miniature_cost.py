@@ -51,12 +51,10 @@ def plain_generate(model: Any, tokenizer: Any, queries: list[task.MiniQuery], sa
     prompts = [tokenizer.apply_chat_template(mini.messages(q), tokenize=False, add_generation_prompt=True)
                for q in queries for _ in range(samples)]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    kwargs: dict[str, Any] = ({"do_sample": False} if samples == 1 else
-                              {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                             **kwargs)
+                             **mini.decoding(samples))
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -65,12 +63,10 @@ def sharing_generate(model: Any, tokenizer: Any, queries: list[task.MiniQuery], 
     """The miniature's way (one batch): :func:`grpo_miniature.generate_sharing_prefill`."""
     ids = [tokenizer(tokenizer.apply_chat_template(mini.messages(q), tokenize=False, add_generation_prompt=True),
                      add_special_tokens=False)["input_ids"] for q in queries]
-    kwargs: dict[str, Any] = ({"do_sample": False} if samples == 1 else
-                              {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = mini.generate_sharing_prefill(model, ids, samples, pad_token_id=tokenizer.pad_token_id,
-                                            max_new_tokens=NEW_TOKENS, **kwargs)
+                                            max_new_tokens=NEW_TOKENS, **mini.decoding(samples))
     return tokenizer.batch_decode(out, skip_special_tokens=True)
 
 

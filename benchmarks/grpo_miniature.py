@@ -263,8 +263,7 @@ def generate(model: Any, tokenizer: Any, queries: Sequence[task.MiniQuery], max_
     order = sorted(range(len(queries)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     per_batch = max(1, batch_size // samples)
     texts: list[list[str]] = [[] for _ in queries]
-    kwargs: dict[str, Any] = ({"do_sample": False} if samples == 1 else
-                              {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0})
+    kwargs = decoding(samples, temperature)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -279,6 +278,13 @@ def generate(model: Any, tokenizer: Any, queries: Sequence[task.MiniQuery], max_
     torch.random.set_rng_state(generator_state)
     model.train(was_training)
     return texts
+
+
+def decoding(samples: int, temperature: float = 1.0) -> dict[str, Any]:
+    """``generate`` arguments: greedy for one sample, else plain sampling at ``temperature`` (no top-k, no top-p)."""
+    if samples == 1:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
 
 
 def generate_sharing_prefill(model: Any, prompt_ids: Sequence[Sequence[int]], copies: int, pad_token_id: int,
