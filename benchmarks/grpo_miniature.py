@@ -675,6 +675,7 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
     if previous:
         diff = previous["comparison"]
         summary = ", ".join(f"{k} {v:.4g}" for k, v in diff["heldout_summary"].items())
+        training = ", ".join(f"{k} {v:.4g}" for k, v in diff["training_logs"].items())
         lines += [f"**Previous record** ({previous['note']}): wall time {previous['wall_seconds'] / 60:.1f} min; "
                   f"held-out MiniLM R@1 rank {100 * previous['minilm_r1']['rank']:.1f}, similarity "
                   f"{100 * previous['minilm_r1']['similarity']:.1f}; rank - similarity "
@@ -682,7 +683,8 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
                   f"[{100 * previous['rank_minus_similarity']['ci95'][0]:+.1f}, "
                   f"{100 * previous['rank_minus_similarity']['ci95'][1]:+.1f}] points. Its verdict: "
                   f"{previous['verdict']} Largest absolute differences of this record from it, per held-out summary: "
-                  f"{summary}; best-of-N {diff['best_of_n']:.4g}; same verdict: "
+                  f"{summary}; per-step training logs: {training}; best-of-N {diff['best_of_n']:.4g}; figures that "
+                  f"differ: {', '.join(f'`{k}`' for k in diff['differing_figures']) or 'none'}; same verdict: "
                   f"{'yes' if diff['same_verdict'] else 'no'}.", ""]
     for rerun in result.get("reruns", []):
         load = rerun.get("rerun_loadavg_end")

@@ -138,6 +138,17 @@ def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
     md = (tmp_path / "grpo-miniature.md").read_text()
     assert "## Cost and reproducibility" in md and "Every figure is identical" in md and "untrained 0.25" in md
 
+    # An earlier record kept beside the record (--previous): its headline figures and the differences from it.
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "grpo_miniature.py"), "--out", str(tmp_path),
+                           "--previous", str(tmp_path / "perturbed.json"), "--previous-note", "a perturbed copy"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    previous = json.loads((tmp_path / "grpo-miniature.json").read_text())["previous_record"]
+    assert previous["note"] == "a perturbed copy" and previous["verdict"] == result["verdict"]
+    assert previous["comparison"]["heldout_summary"]["untrained"] == pytest.approx(0.25)
+    assert previous["comparison"]["differing_figures"] == ["minilm_r1"]
+    assert "**Previous record** (a perturbed copy)" in (tmp_path / "grpo-miniature.md").read_text()
+
 
 @needs_training
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
