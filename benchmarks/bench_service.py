@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model
 from loadgen import LoadResult, Workload, captions, run_load
 
 from grape_rewards import __version__
@@ -231,14 +232,6 @@ def verify(server: ServerProcess, scorer: RewardScorer, workload: Workload, n: i
 
 # -- the report ---------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import fastapi
     import uvicorn
 
@@ -250,7 +243,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         commit, dirty = "", False
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "grape_rewards": __version__,
         "git": commit + ("+dirty" if dirty else ""), "loadavg_start": os.getloadavg(),
