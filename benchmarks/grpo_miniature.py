@@ -610,7 +610,8 @@ def markdown(result: dict[str, Any]) -> str:
 def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
     """How far a rerun's figures are from the recorded ones: the largest absolute difference of every held-out
     summary figure (per arm and seed), of the per-step training logs and of the best-of-N figures, the names of the
-    figures that differ anywhere, and whether the verdicts agree. ``identical`` when every difference is 0.
+    figures that differ anywhere, whether the verdicts agree, and the package versions that differ (``name: [recorded,
+    rerun]``). ``identical`` when every figure's difference is 0.
 
     >>> run = {"heldout_summary": {"rank-seed0": {"minilm_r1": 0.5}}, "runs": [{"arm": "rank", "seed": 0,
     ...        "logs": [{"step": 1, "reward": 0.25}]}], "best_of_n": {"stats": {}}, "verdict": "x", "wall_seconds": 60}
@@ -642,6 +643,7 @@ def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, A
     training = {k: largest(v, new_logs.get(k)) for k, v in rec_logs.items()}
     best_of_n = largest(recorded["best_of_n"]["stats"], rerun["best_of_n"]["stats"])
     same_verdict = recorded["verdict"] == rerun["verdict"]
+    rerun_versions = rerun.get("versions", {})
     return {"heldout_summary": summary, "training_logs": training, "best_of_n": best_of_n,
             "differing_figures": sorted(differing), "same_verdict": same_verdict,
             "rerun_wall_seconds": rerun["wall_seconds"],
@@ -649,6 +651,8 @@ def compare_runs(recorded: dict[str, Any], rerun: dict[str, Any]) -> dict[str, A
             "rerun_seconds_before_training": rerun.get("seconds_before_training"),
             "rerun_machine": rerun.get("machine"), "rerun_loadavg_end": rerun.get("loadavg_end"),
             "rerun_command": rerun.get("command"), "rerun_versions": rerun.get("versions"),
+            "versions_differ": {name: [v, rerun_versions.get(name)] for name, v in recorded.get("versions", {}).items()
+                                if v != rerun_versions.get(name)},
             "identical": same_verdict and best_of_n == 0 and not any(summary.values()) and not any(training.values())}
 
 
@@ -690,7 +694,8 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
         load = rerun.get("rerun_loadavg_end")
         head = (f"**Rerun** (`{rerun['rerun_command']}`, {rerun['rerun_machine']['date']}): wall time "
                 f"{rerun['rerun_wall_seconds'] / 60:.1f} min"
-                + (f", load average at its end {', '.join(f'{x:.2f}' for x in load)}" if load else "") + ". ")
+                + (f", load average at its end {', '.join(f'{x:.2f}' for x in load)}" if load else "") + "; "
+                + versions_sentence(rerun.get("versions_differ")) + ". ")
         if rerun["identical"]:
             body = ("Every figure is identical to the recorded run's (held-out summaries, per-step training logs, "
                     "best-of-N), and so is the verdict.")
@@ -701,8 +706,24 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
             body = (f"Figures that differ: {differing}. Largest absolute differences from the recorded run, per "
                     f"held-out summary: {summary}; per-step training logs: {training}; best-of-N "
                     f"{rerun['best_of_n']:.4g}; same verdict: {'yes' if rerun['same_verdict'] else 'no'}.")
-        lines += [head + body, ""]
+        lines += [head + body + (f" {rerun['note']}" if rerun.get("note") else ""), ""]
     return lines if len(lines) > 2 else []
+
+
+def versions_sentence(differ: dict[str, list[str | None]] | None) -> str:
+    """What a rerun's package versions were, against the record's.
+
+    >>> versions_sentence({})
+    'the same package versions as the record'
+    >>> versions_sentence({"transformers": ["5.24.0", "5.25.0"]})
+    'package versions that differ from the record: transformers 5.24.0 -> 5.25.0'
+    """
+    if differ is None:
+        return "package versions not compared"
+    if not differ:
+        return "the same package versions as the record"
+    return "package versions that differ from the record: " + ", ".join(
+        f"{name} {recorded} -> {rerun}" for name, (recorded, rerun) in differ.items())
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -898,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, metavar="RERUN_JSON",
                         help="compare a rerun's json (run with another --out) with the recorded one in --out: the "
                              "differences go into the recorded json's 'reruns' and its md; nothing is trained")
+    parser.add_argument("--compare-note", help="what was different about the rerun, and why its figures differ "
+                                               "(goes beside the comparison in the json and md)")
     args = parser.parse_args(argv)
     if args.compare or args.previous:
         from grape_rewards.corpus.files import atomic_write_bytes, atomic_write_json
@@ -906,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
         recorded = json.loads(recorded_path.read_text())
         if args.compare:
             comparison = compare_runs(recorded, json.loads(args.compare.read_text()))
+            if args.compare_note:
+                comparison["note"] = args.compare_note
             recorded["reruns"] = [*recorded.get("reruns", []), comparison]
         if args.previous:
             recorded["previous_record"] = previous_record(recorded, json.loads(args.previous.read_text()),

@@ -125,11 +125,12 @@ def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
     # A rerun's comparison (--compare): the run against itself is identical; a changed figure is found and named.
     perturbed = json.loads(json.dumps(result))
     perturbed["heldout_summary"]["untrained"]["minilm_r1"] += 0.25
+    perturbed["versions"]["transformers"] = "0.0.0-other"
     (tmp_path / "self.json").write_text(json.dumps(result))
     (tmp_path / "perturbed.json").write_text(json.dumps(perturbed))
-    for rerun in ("self.json", "perturbed.json"):
+    for rerun, note in (("self.json", []), ("perturbed.json", ["--compare-note", "Perturbed on purpose."])):
         proc = subprocess.run([sys.executable, str(BENCHMARKS / "grpo_miniature.py"), "--out", str(tmp_path),
-                               "--compare", str(tmp_path / rerun)], capture_output=True, text=True, timeout=300)
+                               "--compare", str(tmp_path / rerun), *note], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     reruns = json.loads((tmp_path / "grpo-miniature.json").read_text())["reruns"]
     assert [r["identical"] for r in reruns] == [True, False]
@@ -137,6 +138,9 @@ def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
     assert reruns[1]["heldout_summary"]["original"] == 0 and not any(reruns[1]["training_logs"].values())
     md = (tmp_path / "grpo-miniature.md").read_text()
     assert "## Cost and reproducibility" in md and "Every figure is identical" in md and "untrained 0.25" in md
+    assert reruns[0]["versions_differ"] == {} and "the same package versions as the record" in md
+    assert f"transformers {result['versions']['transformers']} -> 0.0.0-other" in md
+    assert "note" not in reruns[0] and reruns[1]["note"] == "Perturbed on purpose." and "Perturbed on purpose." in md
 
     # An earlier record kept beside the record (--previous): its headline figures and the differences from it.
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "grpo_miniature.py"), "--out", str(tmp_path),
