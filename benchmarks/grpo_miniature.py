@@ -678,17 +678,15 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
     previous = result.get("previous_record")
     if previous:
         diff = previous["comparison"]
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in diff["heldout_summary"].items())
-        training = ", ".join(f"{k} {v:.4g}" for k, v in diff["training_logs"].items())
         lines += [f"**Previous record** ({previous['note']}): wall time {previous['wall_seconds'] / 60:.1f} min; "
                   f"held-out MiniLM R@1 rank {100 * previous['minilm_r1']['rank']:.1f}, similarity "
                   f"{100 * previous['minilm_r1']['similarity']:.1f}; rank - similarity "
                   f"{100 * previous['rank_minus_similarity']['mean']:+.1f} "
                   f"[{100 * previous['rank_minus_similarity']['ci95'][0]:+.1f}, "
                   f"{100 * previous['rank_minus_similarity']['ci95'][1]:+.1f}] points. Its verdict: "
-                  f"{previous['verdict']} Largest absolute differences of this record from it, per held-out summary: "
-                  f"{summary}; per-step training logs: {training}; best-of-N {diff['best_of_n']:.4g}; figures that "
-                  f"differ: {', '.join(f'`{k}`' for k in diff['differing_figures']) or 'none'}; same verdict: "
+                  f"{previous['verdict']} Largest absolute differences of this record from it, "
+                  f"{largest_differences(diff)}; figures that differ: "
+                  f"{', '.join(f'`{k}`' for k in diff['differing_figures']) or 'none'}; same verdict: "
                   f"{'yes' if diff['same_verdict'] else 'no'}.", ""]
     for rerun in result.get("reruns", []):
         load = rerun.get("rerun_loadavg_end")
@@ -700,14 +698,24 @@ def cost_and_reproducibility(result: dict[str, Any]) -> list[str]:
             body = ("Every figure is identical to the recorded run's (held-out summaries, per-step training logs, "
                     "best-of-N), and so is the verdict.")
         else:
-            summary = ", ".join(f"{k} {v:.4g}" for k, v in rerun["heldout_summary"].items())
-            training = ", ".join(f"{k} {v:.4g}" for k, v in rerun["training_logs"].items())
             differing = ", ".join(f"`{k}`" for k in rerun.get("differing_figures", [])) or "not recorded"
-            body = (f"Figures that differ: {differing}. Largest absolute differences from the recorded run, per "
-                    f"held-out summary: {summary}; per-step training logs: {training}; best-of-N "
-                    f"{rerun['best_of_n']:.4g}; same verdict: {'yes' if rerun['same_verdict'] else 'no'}.")
+            body = (f"Figures that differ: {differing}. Largest absolute differences from the recorded run, "
+                    f"{largest_differences(rerun)}; same verdict: {'yes' if rerun['same_verdict'] else 'no'}.")
         lines += [head + body + (f" {rerun['note']}" if rerun.get("note") else ""), ""]
     return lines if len(lines) > 2 else []
+
+
+def largest_differences(comparison: dict[str, Any]) -> str:
+    """A :func:`compare_runs` result's largest absolute differences, in words.
+
+    >>> largest_differences({"heldout_summary": {"rank-seed0": 0.0}, "training_logs": {"rank-seed0": 0.0625},
+    ...                      "best_of_n": 0})
+    'per held-out summary: rank-seed0 0; per-step training logs: rank-seed0 0.0625; best-of-N 0'
+    """
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in comparison["heldout_summary"].items())
+    training = ", ".join(f"{k} {v:.4g}" for k, v in comparison["training_logs"].items())
+    return (f"per held-out summary: {summary}; per-step training logs: {training}; "
+            f"best-of-N {comparison['best_of_n']:.4g}")
 
 
 def versions_sentence(differ: dict[str, list[str | None]] | None) -> str:
@@ -922,6 +930,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-note", help="what was different about the rerun, and why its figures differ "
                                                "(goes beside the comparison in the json and md)")
     args = parser.parse_args(argv)
+    if args.compare_note and not args.compare:
+        parser.error("--compare-note goes with --compare RERUN_JSON")
     if args.compare or args.previous:
         from grape_rewards.corpus.files import atomic_write_bytes, atomic_write_json
 
