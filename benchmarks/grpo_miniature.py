@@ -962,6 +962,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds:
         cfg.seeds = tuple(args.seeds)
     cfg.policy, cfg.device = args.policy, args.device
+    if cfg.policy:
+        policy_folder(cfg.policy)  # a bad --policy fails here, before the corpus and the retriever load
     torch.set_num_threads(os.cpu_count() or 1)
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/grpo_miniature.py", *(argv if argv is not None else sys.argv[1:])])

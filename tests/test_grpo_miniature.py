@@ -86,6 +86,17 @@ def _recall_bm25(corpus: list[dict], rewrites: list[str], targets: list[str]) ->
     return out
 
 
+def test_policy_that_is_not_a_model_folder_fails_first(tmp_path: Path) -> None:
+    """``--policy`` must name a local transformers folder: the run refuses anything else, names what is missing and
+    writes nothing (checked before the corpus and the retriever load)."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "grpo_miniature.py"), "--quick", "--policy",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"--policy {tmp_path / 'missing'}: not a transformers model folder (no config.json in it)" in proc.stderr
+    assert "corpus" not in proc.stdout + proc.stderr and not any((tmp_path / "out").glob("*"))
+
+
 @pytest.mark.slow
 @needs_training
 def test_quick_run_writes_consistent_outputs(tmp_path: Path) -> None:
