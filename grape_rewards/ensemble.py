@@ -107,11 +107,11 @@ class EnsembleScorer(RewardScorer):
         for i, (ex, s) in enumerate(zip(extractions, first.samples)):
             per = [b.samples[i] for b in batches]
             part = ensemble_rank_part([p["part_rank"] for p in per], config.ensemble)
-            original = int(s["original_rank"]) if "original_rank" in s else None
             sample = score_sample(config, ex, rank=int(s["rank"]), n=int(s["n"]), target_sim=s["target_sim"],
                                   mean_sim=s["mean_sim"], best_nontarget_sim=s["best_nontarget_sim"],
                                   num_tokens=int(s["num_tokens"]), truncated=s["truncated"] == 1.0,
-                                  original_rank=original, part_rank=part)
+                                  original_rank=s.get("original_rank"), part_rank=part,
+                                  graded=s.get("graded_rank"))
             for j, p in enumerate(per):
                 sample[f"retriever_{j}_rank"] = p["rank"]
                 sample[f"retriever_{j}_part_rank"] = p["part_rank"]

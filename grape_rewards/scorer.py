@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .alarms import ALARM_KEYS, AlarmMonitor
 from .corpus.index import CorpusIndex, CorpusIndexError, UnknownIdError, read_manifest
-from .corpus.rank import default_chunk_elements
+from .corpus.rank import NO_EXTRAS, RankStats, ScanExtras, default_chunk_elements
 from .devices import to_device
 from .jsonl import json_kind
 from .labels import ids_as_strings
@@ -30,6 +30,7 @@ from .retrievers.base import Retriever, TextInfo
 from .rewards.composite import sample_keys, score_sample
 from .rewards.config import RewardConfig
 from .rewards.format import Extraction, extract_rewrite
+from .rewards.graded_rank import graded_rank
 
 
 class RewardItem(BaseModel):
@@ -192,6 +193,27 @@ class LRUCache:
         return len(self._data)
 
 
+def scan_extras(config: RewardConfig) -> ScanExtras:
+    """What the corpus scan must gather for ``config``'s rank mode (nothing more for the plain rank).
+
+    >>> scan_extras(RewardConfig(rank_mode="margin")).neighbours, scan_extras(RewardConfig()).wanted
+    (True, False)
+    """
+    if config.rank_mode == "margin":
+        return ScanExtras(neighbours=True)
+    if config.rank_mode == "soft":
+        return ScanExtras(soft_temperature=config.rank_temperature)
+    return NO_EXTRAS
+
+
+def graded_statistics(stats: RankStats) -> list[dict[str, float]]:
+    """Per query, the graded-rank statistics ``stats`` carries, as keyword arguments of
+    :func:`~grape_rewards.rewards.composite.score_sample` (empty dicts for a plain scan)."""
+    columns = {name: getattr(stats, name) for name in ("gap_above", "gap_below", "soft_count")}
+    lists = {name: values.tolist() for name, values in columns.items() if values is not None}
+    return [{name: float(values[j]) for name, values in lists.items()} for j in range(len(stats.rank))]
+
+
 @dataclass
 class ScoredBatch:
     samples: list[dict[str, float]]
@@ -244,6 +266,7 @@ class RewardScorer:
         self.retriever = retriever
         self.index = index
         self.config = config or RewardConfig()
+        self.scan_extras = scan_extras(self.config)
         self.chunk_elements = chunk_elements or default_chunk_elements(index.device)
         self.encode_batch_size = encode_batch_size
         self.max_text_chars = max_text_chars
@@ -377,12 +400,13 @@ class RewardScorer:
         keep = max(self.max_text_chars, fmt.max_chars + 1)  # a cut rewrite stays overlong
         return Extraction(ex.text[:keep], ex.status) if ex.scorable and len(ex.text) > keep else ex
 
-    def original_ranks(self, items: Sequence[RewardItem], rows: ItemRows | None = None) -> list[int | None]:
-        """Rank of each item's original query (cached); None where no original query is given.
+    def original_ranks(self, items: Sequence[RewardItem], rows: ItemRows | None = None) -> list[float | None]:
+        """Rank of each item's original query (cached), graded as the config's rank mode grades it; None where no
+        original query is given.
 
         ``rows``: :meth:`resolve_rows` of ``items``, when the caller has it.
         """
-        out: list[int | None] = [None] * len(items)
+        out: list[float | None] = [None] * len(items)
         todo: list[int] = []
         keys = []
         for i, item in enumerate(items):
@@ -393,7 +417,7 @@ class RewardScorer:
                        tuple(item.excluded_ids), item.reference_id)
                 cached = self.original_rank_cache.get(key)
                 if cached is not None:
-                    out[i] = int(cached)  # type: ignore[call-overload]
+                    out[i] = float(cached)  # type: ignore[arg-type]
                 else:
                     todo.append(i)
             keys.append(key)
@@ -402,9 +426,11 @@ class RewardScorer:
             emb, _ = self._queries([(items[i].original_query or "")[:self.max_text_chars] for i in todo],
                                    [items[i].reference_id for i in todo])
             stats = self.index.rank_rows(emb, [targets[i] for i in todo], [excluded[i] for i in todo],
-                                         chunk_elements=self.chunk_elements)
+                                         chunk_elements=self.chunk_elements, extras=self.scan_extras)
+            ranks, ns, graded = stats.rank.tolist(), stats.n.tolist(), graded_statistics(stats)
             for j, i in enumerate(todo):
-                out[i] = int(stats.rank[j])
+                out[i] = graded_rank(self.config.rank_mode, int(ranks[j]), int(ns[j]),
+                                     temperature=self.config.rank_temperature, **graded[j])
                 self.original_rank_cache.put(keys[i], out[i])
         return out
 
@@ -446,7 +472,7 @@ class RewardScorer:
         emb, infos = self._queries([extractions[i].text for i in scorable], [items[i].reference_id for i in scorable])
         t2 = time.perf_counter()
         stats = self.index.rank_rows(emb, [targets[i] for i in scorable], [excluded[i] for i in scorable],
-                                     chunk_elements=self.chunk_elements)
+                                     chunk_elements=self.chunk_elements, extras=self.scan_extras)
         t3 = time.perf_counter()
         samples: list[dict[str, float]] = []
         where = {i: j for j, i in enumerate(scorable)}
@@ -454,6 +480,7 @@ class RewardScorer:
         ranks, ns = stats.rank.tolist(), stats.n.tolist()
         target_sims, mean_sims, best_sims = (stats.target_sim.tolist(), stats.mean_sim.tolist(),
                                              stats.best_nontarget_sim.tolist())
+        graded = graded_statistics(stats)
         for i, ex in enumerate(extractions):
             j = where.get(i)
             if j is None:  # N depends only on the targets and exclusions
@@ -464,7 +491,7 @@ class RewardScorer:
             samples.append(score_sample(
                 self.config, ex, rank=int(ranks[j]), n=int(ns[j]), target_sim=float(target_sims[j]),
                 mean_sim=float(mean_sims[j]), best_nontarget_sim=float(best_sims[j]),
-                num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i]))
+                num_tokens=infos[j].num_tokens, truncated=infos[j].truncated, original_rank=originals[i], **graded[j]))
         t4 = time.perf_counter()
         timings = {"encode_s": t2 - t1, "rank_s": t3 - t2, "original_s": t1 - t0, "total_s": t4 - t0,
                    "cache_hits": float(self.embedding_cache.hits - hits0),

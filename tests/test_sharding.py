@@ -239,8 +239,9 @@ class DroppingBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list, chunk_elements: int) -> list:
-        scans = self.inner.scan(queries, thresholds, masked, chunk_elements)
+    def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list, chunk_elements: int,
+             extras: Any = None) -> list:
+        scans = self.inner.scan(queries, thresholds, masked, chunk_elements, *([extras] if extras else []))
         if self.mode == "drop":
             return scans[1:]
         if self.mode == "twice":

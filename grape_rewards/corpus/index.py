@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from ..devices import to_device
 from .files import sha256_file
-from .rank import DEFAULT_CHUNK_ELEMENTS, RankStats, column_sums, corpus_rank, max_row_norm
+from .rank import DEFAULT_CHUNK_ELEMENTS, NO_EXTRAS, RankStats, ScanExtras, column_sums, corpus_rank, max_row_norm
 
 INDEX_FORMAT = "grape-rewards-index"
 INDEX_VERSION = 1
@@ -277,11 +277,12 @@ class CorpusIndex:
         target_ids: Sequence[Sequence[str]],
         excluded_ids: Sequence[Sequence[str]] | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        extras: ScanExtras = NO_EXTRAS,
     ) -> RankStats:
-        """Exact corpus-relative rank of each query's targets (see :func:`grape_rewards.rewards.corpus_rank`)."""
+        """Exact corpus-relative rank of each query's targets (see :func:`grape_rewards.corpus.corpus_rank`)."""
         targets = [self.rows(t) for t in target_ids]
         excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else None
-        return self.rank_rows(queries, targets, excluded, chunk_elements)
+        return self.rank_rows(queries, targets, excluded, chunk_elements, extras)
 
     def rank_rows(
         self,
@@ -289,10 +290,11 @@ class CorpusIndex:
         targets: Sequence[Sequence[int]],
         excluded: Sequence[Sequence[int]] | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        extras: ScanExtras = NO_EXTRAS,
     ) -> RankStats:
         """:meth:`rank` for ids already resolved to rows (:meth:`rows`): what a caller that validated them calls."""
         return corpus_rank(queries, self.embeddings, targets, excluded, chunk_elements=chunk_elements,
-                           corpus_sum=self.column_sums, corpus_norm=self.max_row_norm)
+                           corpus_sum=self.column_sums, corpus_norm=self.max_row_norm, extras=extras)
 
     def search(self, queries: torch.Tensor, k: int, backend: str = "auto") -> tuple[torch.Tensor, list[list[str]]]:
         """Top-``k`` corpus items of each query: (scores (Q, k), ids). FAISS when installed, else exact torch."""

@@ -58,6 +58,14 @@ class RankStats:
     """Mean similarity to the non-target, non-excluded items (0 when there are none)."""
     best_nontarget_sim: torch.Tensor
     """Highest similarity among non-target, non-excluded items (-1 when there are none)."""
+    gap_above: torch.Tensor | None = None
+    """(:class:`ScanExtras` ``neighbours``) The lowest score above the best target minus the target's score, float64
+    (> 0; inf at rank 1)."""
+    gap_below: torch.Tensor | None = None
+    """(``neighbours``) The target's score minus the highest non-target score not above it, float64 (>= 0; at rank 1
+    the margin over the best non-target; inf when no item is below)."""
+    soft_count: torch.Tensor | None = None
+    """(``soft_temperature``) The sum over the ranked items of sigmoid((score - target score) / T), float64."""
 
     @property
     def margin(self) -> torch.Tensor:
@@ -198,6 +206,32 @@ def chunk_rows(num_queries: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -
 
 
 @dataclass(frozen=True)
+class ScanExtras:
+    """What a scan gathers besides the rank, the mean and the best non-target score, for graded ranks
+    (:mod:`grape_rewards.rewards.graded_rank`). Each costs work on every chunk, so each is off unless asked for.
+
+    >>> ScanExtras().wanted, ScanExtras(neighbours=True).wanted
+    (False, True)
+    """
+
+    neighbours: bool = False
+    """The scores of the target's neighbours: the lowest item above it and the highest item not above it."""
+    soft_temperature: float | None = None
+    """When set: the sum over the ranked items of sigmoid((score - target score) / soft_temperature)."""
+
+    def __post_init__(self) -> None:
+        if self.soft_temperature is not None and not self.soft_temperature > 0:
+            raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+
+    @property
+    def wanted(self) -> bool:
+        return self.neighbours or self.soft_temperature is not None
+
+
+NO_EXTRAS = ScanExtras()
+
+
+@dataclass(frozen=True)
 class ScanCounts:
     """What a scan of (part of) the corpus contributes to each query's statistics; additive over a partition.
 
@@ -214,10 +248,36 @@ class ScanCounts:
     """How many non-target, non-excluded items the part holds (int64)."""
     best: torch.Tensor
     """Highest score among them (-inf when none)."""
+    next_above: torch.Tensor | None = None
+    """(:class:`ScanExtras` ``neighbours``) The lowest score above the threshold, float64 (inf when none)."""
+    next_below: torch.Tensor | None = None
+    """(``neighbours``) The highest score not above the threshold, float64 (-inf when none)."""
+    soft: torch.Tensor | None = None
+    """(``soft_temperature``) The summed sigmoids of (score - threshold) / T, float64."""
+
+    @classmethod
+    def empty(cls, extras: ScanExtras = NO_EXTRAS) -> ScanCounts:
+        """The counts of a scan of no queries (with the fields ``extras`` asks for)."""
+        none = torch.zeros(0, dtype=torch.float64)
+        neighbours = none if extras.neighbours else None
+        return cls(torch.zeros(0, dtype=torch.long), none, torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                   next_above=neighbours, next_below=neighbours,
+                   soft=none if extras.soft_temperature is not None else None)
+
+
+def _merged(parts: Sequence[ScanCounts], name: str, how: str) -> torch.Tensor | None:
+    values = [getattr(p, name) for p in parts]
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise ValueError(f"some parts of the scan carry {name!r} and others do not: scan every part with the same "
+                         "extras")
+    stacked = torch.stack([v.cpu() for v in values])
+    return {"sum": stacked.sum(0), "min": stacked.amin(0), "max": stacked.amax(0)}[how]
 
 
 def merge_counts(parts: Sequence[ScanCounts]) -> ScanCounts:
-    """Combine the scans of the parts of a partition (sums, and the max of the best)."""
+    """Combine the scans of the parts of a partition (sums, the max of the best, the nearest neighbours)."""
     if not parts:
         raise ValueError("nothing to merge")
     return ScanCounts(
@@ -225,6 +285,9 @@ def merge_counts(parts: Sequence[ScanCounts]) -> ScanCounts:
         total=torch.stack([p.total.cpu() for p in parts]).sum(0),
         n_others=torch.stack([p.n_others.cpu() for p in parts]).sum(0),
         best=torch.stack([p.best.cpu() for p in parts]).amax(0),
+        next_above=_merged(parts, "next_above", "min"),
+        next_below=_merged(parts, "next_below", "max"),
+        soft=_merged(parts, "soft", "sum"),
     )
 
 
@@ -280,6 +343,7 @@ def scan_counts(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     corpus_sum: torch.Tensor | None = None,
     corpus_norm: float | None = None,
+    extras: ScanExtras = NO_EXTRAS,
 ) -> ScanCounts:
     """Scan ``corpus`` in chunks: per query, the items (other than its ``masked`` rows) scoring above its threshold.
 
@@ -291,11 +355,12 @@ def scan_counts(
         masked: per query, the rows of this corpus left out (its targets and exclusions held here).
         corpus_sum: :func:`column_sums` of ``corpus`` when the caller keeps it (an index does); else computed.
         corpus_norm: :func:`max_row_norm` of ``corpus`` when the caller keeps it; else computed.
+        extras: what else to gather (:class:`ScanExtras`; the merged parts of a partition must all gather the same).
     """
     _check_inputs(queries, corpus)
     scan = _ScanPlan.make(queries.shape[0], corpus, masked, chunk_elements)
     return _scan(queries.to(device=corpus.device), corpus, to_device(thresholds, corpus.device), scan, corpus_sum,
-                 corpus_norm)
+                 corpus_norm, extras)
 
 
 @dataclass(frozen=True)
@@ -330,19 +395,21 @@ class _ScanPlan:
 
 
 def _scan(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
-          corpus_sum: torch.Tensor | None, corpus_norm: float | None) -> ScanCounts:
+          corpus_sum: torch.Tensor | None, corpus_norm: float | None, extras: ScanExtras = NO_EXTRAS) -> ScanCounts:
     """:func:`_scan_on_device`, then its results to the host."""
-    count_above, total, best = _scan_on_device(q, corpus, thresholds, scan, corpus_sum, corpus_norm)
-    return ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu())
+    count_above, total, best, found = _scan_on_device(q, corpus, thresholds, scan, corpus_sum, corpus_norm, extras)
+    return ScanCounts(count_above.cpu(), total.cpu(), scan.n_others, best.cpu(),
+                      **{name: value.cpu() for name, value in found.items()})
 
 
 def _scan_on_device(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Tensor, scan: _ScanPlan,
-                    corpus_sum: torch.Tensor | None, corpus_norm: float | None,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    corpus_sum: torch.Tensor | None, corpus_norm: float | None, extras: ScanExtras = NO_EXTRAS,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The scan itself. The host waits for the device only in a chunk whose float32 scores come within rounding
     of a threshold (:func:`tie_band`): those few scores are located and decided exactly.
 
-    Returns per query, on the device: the count above the threshold, the float64 summed score, the best score.
+    Returns per query, on the device: the count above the threshold, the float64 summed score, the best score, and
+    the :class:`ScanExtras` asked for (``next_above``, ``next_below``, ``soft``) by name.
     """
     device = corpus.device
     num_queries = q.shape[0]
@@ -357,33 +424,62 @@ def _scan_on_device(q: torch.Tensor, corpus: torch.Tensor, thresholds: torch.Ten
     best = torch.full((num_queries,), float("-inf"), device=device)
     masked_score = torch.full((), float("-inf"), device=device)  # a device scalar: a Python float would be copied
     fused = _use_fused(corpus)
+    found: dict[str, torch.Tensor] = {}
+    if extras.neighbours:
+        found["next_above"] = torch.full((num_queries,), float("inf"), dtype=torch.float64, device=device)
+        found["next_below"] = torch.full((num_queries,), float("-inf"), dtype=torch.float64, device=device)
+    if extras.soft_temperature is not None:
+        found["soft"] = torch.zeros(num_queries, dtype=torch.float64, device=device)
+        soft_threshold = exact.to(torch.float32)[:, None]
+        soft_scale = 1.0 / extras.soft_temperature
     for k, start in enumerate(scan.starts):
         scores = score_block(q, corpus[start:start + scan.step])
         lo, hi = scan.bounds[k], scan.bounds[k + 1]
         if hi > lo:  # leave the masked pairs out
             scores.index_put_((mq[lo:hi], mr[lo:hi] - start), masked_score)
+        above = None
         if fused:  # max and both counts in one read of the chunk (Triton)
             chunk_best, above_high, above_low = row_max_count(scores, high, low)
         else:
             chunk_best = scores.amax(1)
-            above_high = scores.gt(high[:, None]).sum(1)
+            above = scores.gt(high[:, None])
+            above_high = above.sum(1)
             above_low = scores.gt(low[:, None]).sum(1)
         best = torch.maximum(best, chunk_best)
         count_above += above_high
+        if extras.neighbours:  # surely above (float32 > high) and surely not above (<= low); the band comes below
+            above = scores.gt(high[:, None]) if above is None else above
+            found["next_above"] = torch.minimum(found["next_above"],
+                                                scores.masked_fill(~above, float("inf")).amin(1).to(torch.float64))
+            found["next_below"] = torch.maximum(found["next_below"], scores.masked_fill(
+                scores.gt(low[:, None]), float("-inf")).amax(1).to(torch.float64))
+        if extras.soft_temperature is not None:  # masked pairs score -inf: their sigmoid is 0
+            found["soft"] += torch.sigmoid((scores - soft_threshold) * soft_scale).sum(1, dtype=torch.float64)
         if bool((above_low > above_high).any()):  # near-ties in this chunk: decide them exactly
             bq, bc = ((scores > low[:, None]) & (scores <= high[:, None])).nonzero(as_tuple=True)
-            wins = pair_scores(q[bq], corpus[start + bc]) > exact[bq]
+            band = pair_scores(q[bq], corpus[start + bc])
+            wins = band > exact[bq]
             count_above += torch.bincount(bq[wins], minlength=num_queries)
-    return count_above, total, best
+            if extras.neighbours:
+                found["next_above"].scatter_reduce_(0, bq[wins], band[wins], reduce="amin")
+                found["next_below"].scatter_reduce_(0, bq[~wins], band[~wins], reduce="amax")
+    return count_above, total, best, found
 
 
 def finish_rank(counts: ScanCounts, target_sim: torch.Tensor) -> RankStats:
-    """Turn merged scan counts and the best target scores into :class:`RankStats`."""
+    """Turn merged scan counts and the best target scores (float64, as the scan compared them) into
+    :class:`RankStats`."""
     n_others = counts.n_others
     mean_sim = torch.where(n_others > 0, counts.total / n_others.clamp(min=1), torch.zeros_like(counts.total))
     best = torch.where(n_others > 0, counts.best, torch.full_like(counts.best, -1.0))
+    t = target_sim.to(torch.float64)
+    gap_above = gap_below = None
+    if counts.next_above is not None and counts.next_below is not None:
+        gap_above = (counts.next_above - t).clamp(min=0.0)  # inf where nothing is above
+        gap_below = (t - counts.next_below).clamp(min=0.0)  # inf where nothing is below
     return RankStats(rank=counts.count_above + 1, n=n_others + 1, target_sim=target_sim.to(torch.float32),
-                     mean_sim=mean_sim.to(torch.float32), best_nontarget_sim=best.to(torch.float32))
+                     mean_sim=mean_sim.to(torch.float32), best_nontarget_sim=best.to(torch.float32),
+                     gap_above=gap_above, gap_below=gap_below, soft_count=counts.soft)
 
 
 @torch.inference_mode()
@@ -395,6 +491,7 @@ def corpus_rank(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     corpus_sum: torch.Tensor | None = None,
     corpus_norm: float | None = None,
+    extras: ScanExtras = NO_EXTRAS,
 ) -> RankStats:
     """Rank each query's best target among the whole corpus.
 
@@ -407,6 +504,7 @@ def corpus_rank(
         chunk_elements: at most this many query x corpus scores are held at once.
         corpus_sum: :func:`column_sums` of ``corpus``, when the caller keeps it.
         corpus_norm: :func:`max_row_norm` of ``corpus``, when the caller keeps it.
+        extras: what else the scan gathers for graded ranks (:class:`ScanExtras`).
 
     >>> c = torch.eye(4)
     >>> q = torch.tensor([[0.6, 0.8, 0.0, 0.0]])
@@ -429,4 +527,4 @@ def corpus_rank(
     tq, tr = to_device(_pairs(targets, num_queries, corpus.shape[0], "targets"), corpus.device)
     q = queries.to(device=corpus.device)
     thresholds = _best_target_scores(scan_queries(q, corpus), corpus, tq, tr)
-    return finish_rank(_scan(q, corpus, thresholds, scan, corpus_sum, corpus_norm), thresholds.cpu())
+    return finish_rank(_scan(q, corpus, thresholds, scan, corpus_sum, corpus_norm, extras), thresholds.cpu())

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..corpus.index import CorpusIndex, CorpusIndexError
-from ..corpus.rank import scan_counts, target_scores
+from ..corpus.rank import NO_EXTRAS, ScanExtras, scan_counts, target_scores
 from .shard import ShardScan, ShardSet, ShardUnavailable, read_shard_set
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class ShardActor:
         return target_scores(queries, self.index.embeddings, targets)
 
     def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list[list[int]],
-             chunk_elements: int) -> ShardScan:
+             chunk_elements: int, extras: ScanExtras = NO_EXTRAS) -> ShardScan:
         counts = scan_counts(queries, self.index.embeddings, thresholds, masked, chunk_elements,
-                             self.index.column_sums, self.index.max_row_norm)
+                             self.index.column_sums, self.index.max_row_norm, extras)
         return ShardScan(self.shard, len(self.index), counts)
 
     def vectors(self, rows: list[int]) -> torch.Tensor:
@@ -229,11 +229,11 @@ class RayShards:
         return self._gather({s: (lambda a, t=t: a.target_scores.remote(q, t)) for s, t in targets.items()})
 
     def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list[list[list[int]]],
-             chunk_elements: int) -> list[ShardScan]:
+             chunk_elements: int, extras: ScanExtras = NO_EXTRAS) -> list[ShardScan]:
         import ray
 
         q, th = ray.put(queries), ray.put(thresholds)
-        found = self._gather({s: (lambda a, m=masked[s]: a.scan.remote(q, th, m, chunk_elements))
+        found = self._gather({s: (lambda a, m=masked[s]: a.scan.remote(q, th, m, chunk_elements, extras))
                               for s in range(self.num_shards)})
         return [found[s] for s in range(self.num_shards)]
 

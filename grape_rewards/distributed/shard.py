@@ -49,8 +49,10 @@ from ..corpus.index import (
 )
 from ..corpus.rank import (
     DEFAULT_CHUNK_ELEMENTS,
+    NO_EXTRAS,
     RankStats,
     ScanCounts,
+    ScanExtras,
     finish_rank,
     merge_counts,
     scan_counts,
@@ -291,7 +293,7 @@ class ShardBackend(Protocol):
         ...
 
     def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list[list[list[int]]],
-             chunk_elements: int) -> list[ShardScan]:
+             chunk_elements: int, extras: ScanExtras = NO_EXTRAS) -> list[ShardScan]:
         """Phase 2: every shard's scan counts; ``masked[s][q]`` are query q's local rows left out on shard s."""
         ...
 
@@ -348,11 +350,12 @@ class LocalShards:
         return self._map(lambda s: target_scores(queries, self.shards[s].embeddings, targets[s]), list(targets))
 
     def scan(self, queries: torch.Tensor, thresholds: torch.Tensor, masked: list[list[list[int]]],
-             chunk_elements: int) -> list[ShardScan]:
+             chunk_elements: int, extras: ScanExtras = NO_EXTRAS) -> list[ShardScan]:
         def one(s: int) -> ShardScan:
             shard = self.shards[s]
             return ShardScan(s, len(shard), scan_counts(queries, shard.embeddings, thresholds, masked[s],
-                                                        chunk_elements, shard.column_sums, shard.max_row_norm))
+                                                        chunk_elements, shard.column_sums, shard.max_row_norm,
+                                                        extras))
 
         return list(self._map(one, range(len(self.shards))).values())
 
@@ -464,15 +467,15 @@ class ShardedIndex:
 
     def rank(self, queries: torch.Tensor, target_ids: Sequence[Sequence[str]],
              excluded_ids: Sequence[Sequence[str]] | None = None,
-             chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> RankStats:
+             chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, extras: ScanExtras = NO_EXTRAS) -> RankStats:
         """Exact corpus-relative rank over all shards (the same statistics as :meth:`CorpusIndex.rank`)."""
         targets = [self.rows(t) for t in target_ids]
         excluded = [self.rows(e) for e in excluded_ids] if excluded_ids is not None else None
-        return self.rank_rows(queries, targets, excluded, chunk_elements)
+        return self.rank_rows(queries, targets, excluded, chunk_elements, extras)
 
     def rank_rows(self, queries: torch.Tensor, targets: Sequence[Sequence[int]],
                   excluded: Sequence[Sequence[int]] | None = None,
-                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> RankStats:
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, extras: ScanExtras = NO_EXTRAS) -> RankStats:
         """:meth:`rank` for ids already resolved to global rows (:meth:`rows`)."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (Q, {self.dim}), got {tuple(queries.shape)}")
@@ -485,8 +488,7 @@ class ShardedIndex:
                 raise ValueError(f"query {i} has no target")
         num_queries = len(targets)
         if num_queries == 0:
-            empty = torch.zeros(0)
-            return finish_rank(ScanCounts(empty.long(), empty.double(), empty.long(), empty), empty)
+            return finish_rank(ScanCounts.empty(extras), torch.zeros(0, dtype=torch.float64))
         q = queries.detach().to("cpu", torch.float32).contiguous()
 
         # Phase 1: the best target score, from the shards holding targets.
@@ -507,7 +509,7 @@ class ShardedIndex:
         for i, (t, e) in enumerate(zip(targets, excluded)):
             for s, local in self.locate(list(t) + list(e)):
                 masked[s][i].append(local)
-        scans = self.backend.scan(q, thresholds, masked, chunk_elements)
+        scans = self.backend.scan(q, thresholds, masked, chunk_elements, extras)
         expected = torch.tensor([len(self) - len(set(t) | set(e)) for t, e in zip(targets, excluded)])
         return finish_rank(self._merge_whole(scans, expected), thresholds)
 

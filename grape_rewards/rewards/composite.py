@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from .config import RewardConfig
 from .format import Extraction
-from .shapes import rank_reward, relative_rank_reward
+from .graded_rank import graded_rank
+from .shapes import rank_reward
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 _RECALL_KEYS = tuple((k, f"recall_at_{k}") for k in RECALL_KS)
@@ -20,6 +21,8 @@ def sample_keys(config: RewardConfig) -> tuple[str, ...]:
     ('reward', 'part_rank', 'part_similarity')
     """
     keys = ["reward", "part_rank", "part_similarity", "part_format", "rank", "n"]
+    if config.rank_mode != "hard":
+        keys += ["graded_rank"]
     keys += [f"recall_at_{k}" for k in RECALL_KS]
     keys += ["target_sim", "mean_sim", "best_nontarget_sim", "margin", "format_ok", "truncated", "num_tokens", "scored"]
     if config.relative:
@@ -52,17 +55,24 @@ def score_sample(
     best_nontarget_sim: float,
     num_tokens: int = 0,
     truncated: bool = False,
-    original_rank: int | None = None,
+    original_rank: float | None = None,
     part_rank: float | None = None,
+    gap_above: float = math.inf,
+    gap_below: float = math.inf,
+    soft_count: float | None = None,
+    graded: float | None = None,
 ) -> dict[str, float]:
     """Combine one sample's rank statistics and format into the reward and its logged components.
 
     reward = w_rank * part_rank + w_similarity * target_sim + w_format * format_ok
              - overlong_penalty * overlong - truncation_penalty * truncated,
-    where part_rank = shape(rank) (or shape(rank) - shape(original_rank) in the relative mode), unless ``part_rank``
-    is given (an ensemble's, :func:`ensemble_rank_part`; ``rank`` and the similarities are then the logged ones).
-    An empty or missing rewrite gets ``invalid_reward`` and the worst statistics (rank = n); ``scored`` says
-    which of the two a sample got (1.0: ranked, 0.0: the format penalty).
+    where part_rank = shape(rho) (or shape(rho) - shape(original_rank) in the relative mode) and rho is the rank as
+    ``config.rank_mode`` grades it (:func:`~grape_rewards.rewards.graded_rank.graded_rank`: the plain rank, or graded
+    by ``gap_above`` / ``gap_below`` (margin) or ``soft_count`` (soft)), unless ``part_rank`` is given (an
+    ensemble's, :func:`ensemble_rank_part`; ``rank``, the similarities and ``graded``, the graded rank when the caller
+    has it, are then the logged ones). ``original_rank`` is the original query's rank graded the same way. An empty
+    or missing rewrite gets ``invalid_reward`` and the worst statistics (rank = n); ``scored`` says which of the two
+    a sample got (1.0: ranked, 0.0: the format penalty).
 
     >>> from grape_rewards.rewards.format import Extraction
     >>> out = score_sample(RewardConfig(), Extraction("a dog", "ok"), rank=3, n=100,
@@ -76,12 +86,15 @@ def score_sample(
     scorable = extraction.scorable
     if not scorable:
         rank, target_sim, mean_sim, best_nontarget_sim, num_tokens, truncated = n, 0.0, 0.0, 0.0, 0, False
+        gap_above, gap_below, soft_count, graded = 0.0, math.inf, float(n - 1), None
+    if graded is None:
+        graded = graded_rank(config.rank_mode, rank, n, gap_above=gap_above, gap_below=gap_below,
+                             soft_count=soft_count, temperature=config.rank_temperature)
     if part_rank is None:
+        part_rank = rank_reward(graded, n, config.shape, config.k)
         if config.relative:
             assert original_rank is not None
-            part_rank = relative_rank_reward(rank, original_rank, n, config.shape, config.k)
-        else:
-            part_rank = rank_reward(rank, n, config.shape, config.k)
+            part_rank -= rank_reward(original_rank, n, config.shape, config.k)
     part_format = 1.0 if extraction.ok else 0.0
     w = config.weights
     if scorable:
@@ -100,6 +113,8 @@ def score_sample(
         "rank": float(rank),
         "n": float(n),
     }
+    if config.rank_mode != "hard":
+        out["graded_rank"] = graded
     for k, key in _RECALL_KEYS:
         out[key] = 1.0 if scorable and rank <= k else 0.0
     out["target_sim"] = float(target_sim)

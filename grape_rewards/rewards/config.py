@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .graded_rank import RankMode
 
 PARTS: tuple[str, ...] = ("rank", "similarity", "format")
 """Named parts of the composite reward (see :func:`grape_rewards.rewards.composite.score_sample`)."""
+
+
+DEFAULT_TEMPERATURES: dict[str, float] = {"margin": 0.05, "soft": 0.02}
+"""The similarity scale of each graded rank mode when ``temperature`` is not set."""
 
 
 class FormatConfig(BaseModel):
@@ -83,9 +89,16 @@ class RewardConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shape: Literal["linear", "reciprocal", "log", "recall@k"] = "log"
+    shape: Literal["linear", "reciprocal", "log", "loglinear", "recall@k"] = "log"
     k: int = Field(default=10, ge=1)
     """The k of the ``recall@k`` shape."""
+    rank_mode: RankMode = "hard"
+    """What the shape is applied to: ``hard``, the plain rank; ``margin``, the rank graded by the target's gaps to
+    its neighbours (at rank 1 its margin over the best non-target); ``soft``, a sigmoid soft rank
+    (:mod:`grape_rewards.rewards.graded_rank`)."""
+    temperature: float | None = Field(default=None, gt=0.0)
+    """The similarity scale of ``margin`` (at rank 1) and ``soft``; None: the mode's default
+    (:data:`DEFAULT_TEMPERATURES`)."""
     relative: bool = False
     """Reward shape(rank of rewrite) - shape(rank of the original query) instead of the shape itself."""
     weights: dict[str, float] = Field(default_factory=lambda: {"rank": 1.0, "similarity": 0.0, "format": 0.0})
@@ -95,6 +108,24 @@ class RewardConfig(BaseModel):
     parts (:func:`~grape_rewards.rewards.composite.ensemble_rank_part`)."""
     alarms: AlarmConfig = Field(default_factory=AlarmConfig)
     """Reward-hacking alarms over the scored samples; they never change a reward."""
+
+    @model_validator(mode="after")
+    def _graded_shape(self) -> RewardConfig:
+        if self.rank_mode != "hard" and self.shape == "recall@k":
+            raise ValueError(f"rank_mode {self.rank_mode!r} grades the rank with real numbers; the recall@k shape is a "
+                             "step at k: choose linear, reciprocal, log or loglinear, or rank_mode 'hard'")
+        return self
+
+    @property
+    def rank_temperature(self) -> float:
+        """The temperature the graded rank uses: ``temperature``, else the mode's default.
+
+        >>> RewardConfig(rank_mode="margin").rank_temperature == DEFAULT_TEMPERATURES["margin"]
+        True
+        """
+        if self.temperature is not None:
+            return self.temperature
+        return DEFAULT_TEMPERATURES.get(self.rank_mode, 1.0)
 
     @field_validator("weights")
     @classmethod
