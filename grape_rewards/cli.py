@@ -38,6 +38,7 @@ from .cli_args import (
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "grape_rewards.serve_cli",
     "grape_rewards.eval.cli",
+    "grape_rewards.eval.reward_bench_cli",
     "grape_rewards.rewrite.cli",
     "grape_rewards.prepare.cli",
     "grape_rewards.adapters.cli",

@@ -45,13 +45,14 @@ CHECK = textwrap.dedent("""
     thresholds[:3] = (torch.randn(3, generator=g) * 0.3).double()
     original = rank._use_fused
     try:
-        for chunk in (1000, 9 * 3000, 450):
+        for chunk, extras in [(c, e) for c in (1000, 9 * 3000, 450)
+                              for e in (rank.NO_EXTRAS, rank.ScanExtras(neighbours=True, soft_temperature=0.05))]:
             rank._use_fused = lambda corpus: True
-            fused = scan_counts(q, corpus, thresholds, masked, chunk)
+            fused = scan_counts(q, corpus, thresholds, masked, chunk, extras=extras)
             rank._use_fused = lambda corpus: False
-            plain = scan_counts(q, corpus, thresholds, masked, chunk)
+            plain = scan_counts(q, corpus, thresholds, masked, chunk, extras=extras)
             for a, b in zip(fused.__dict__.values(), plain.__dict__.values()):
-                assert torch.equal(a, b), chunk
+                assert (a is None and b is None) or torch.equal(a, b), chunk
             exact = (q.double() @ corpus.double().T).cpu()
             exact[torch.arange(9)[:, None], torch.tensor(masked)] = float("-inf")
             assert torch.equal(fused.count_above, (exact > thresholds[:, None]).sum(1)), chunk

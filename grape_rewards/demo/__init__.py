@@ -8,11 +8,12 @@ with a GRPO-style group of candidate rewrites.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,18 @@ DEFAULT_RETRIEVER = "text:all-MiniLM-L6-v2"
 def data_path(name: str) -> Path:
     """A file shipped in ``grape_rewards/demo/data``."""
     return Path(str(resources.files(__package__) / "data" / name))
+
+
+@contextlib.contextmanager
+def built_demo_index(retriever: Retriever) -> Iterator[Path]:
+    """The shipped captions embedded by ``retriever`` into a temporary index folder, removed on exit."""
+    if retriever.corpus_modality != "text":
+        raise ValueError(f"the embedded demo corpus is text captions; {retriever.spec!r} embeds images: pass --index "
+                         "(an index built with it) and --queries")
+    with tempfile.TemporaryDirectory(prefix="grape-demo-") as tmp:
+        folder = Path(tmp) / "index"
+        build_index(read_source(data_path("captions.jsonl")), retriever, folder, progress=False)
+        yield folder
 
 
 @dataclass
@@ -123,11 +136,8 @@ def run_demo(
     if isinstance(retriever, str):
         retriever = create_retriever(retriever, device=device)
     if index is None:
-        if retriever.corpus_modality != "text":
-            raise ValueError(f"the embedded demo corpus is text captions; {retriever.spec!r} embeds images: "
-                             "pass --index (an index built with it) and --queries")
-        build_dir = Path(tempfile.mkdtemp(prefix="grape-demo-")) / "index"
-        index = build_index(read_source(data_path("captions.jsonl")), retriever, build_dir, progress=False)
+        with built_demo_index(retriever) as folder:
+            index = CorpusIndex.load(folder, expected_fingerprint=retriever.fingerprint)
     elif not isinstance(index, CorpusIndex):
         index = CorpusIndex.load(index, expected_fingerprint=retriever.fingerprint, expected_spec=retriever.spec)
     demo_queries = read_queries(queries or data_path("queries.jsonl"))

@@ -58,6 +58,36 @@ def recall_at_k(ranks: Iterable[int] | np.ndarray, ks: Sequence[int] = (1, 5, 10
     return out
 
 
+def expected_recall_at_k(above: np.ndarray, tied: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the probability that the target is in the top ``k`` when ties are broken uniformly at random.
+
+    ``above`` items score strictly higher than the target and ``tied`` others score the same, so the target's position
+    is uniform over ``above + 1 .. above + tied + 1``; P(position <= k) = clip((k - above) / (tied + 1), 0, 1).
+
+    >>> expected_recall_at_k(np.array([0, 0, 2, 9]), np.array([0, 3, 1, 0]), 1).tolist()
+    [1.0, 0.25, 0.0, 0.0]
+    """
+    above, tied = np.asarray(above, dtype=np.float64), np.asarray(tied, dtype=np.float64)
+    return np.clip((k - above) / (tied + 1.0), 0.0, 1.0)
+
+
+def expected_reciprocal_rank(above: np.ndarray, tied: np.ndarray) -> np.ndarray:
+    """Per query, the expected 1 / position of the target under a uniform tie-break (see :func:`expected_recall_at_k`):
+    the mean of 1 / p over p = above + 1 .. above + tied + 1.
+
+    >>> expected_reciprocal_rank(np.array([0, 1, 0]), np.array([0, 0, 1])).tolist()
+    [1.0, 0.5, 0.75]
+    """
+    above = np.asarray(above, dtype=np.int64)
+    tied = np.asarray(tied, dtype=np.int64)
+    if above.size == 0:
+        return np.zeros(0)
+    if np.any(above < 0) or np.any(tied < 0):
+        raise ValueError("above and tied must be counts >= 0")
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int((above + tied).max()) + 2))])
+    return (harmonic[above + tied + 1] - harmonic[above]) / (tied + 1.0)
+
+
 def subset_rank(scores: Mapping[str, float], target_id: str, reference_id: str | None = None) -> int:
     """The 1-based rank of the target among a CIRR query's subset (Recall_subset).
 

@@ -15,7 +15,8 @@ def inflation_summary(samples: Sequence[Mapping[str, float]]) -> dict[str, float
     """Batch means of the statistics that expose score inflation.
 
     ``inflation_gap`` is mean(target_sim) - mean(mean_sim): a rising target similarity with a rising
-    corpus similarity (flat gap) is inflation, not retrieval.
+    corpus similarity (flat gap) is inflation, not retrieval. ``mean_graded_rank`` is there when the samples carry
+    a graded rank (the margin and soft rank modes).
 
     >>> s = [{"target_sim": 0.8, "mean_sim": 0.6, "margin": -0.1, "rank": 5.0, "recall_at_1": 0.0},
     ...      {"target_sim": 0.6, "mean_sim": 0.2, "margin": 0.1, "rank": 1.0, "recall_at_1": 1.0}]
@@ -24,8 +25,8 @@ def inflation_summary(samples: Sequence[Mapping[str, float]]) -> dict[str, float
     """
     if not samples:
         return {}
-    keys = ("target_sim", "mean_sim", "best_nontarget_sim", "margin", "rank", "recall_at_1", "recall_at_5",
-            "recall_at_10", "reward")
+    keys = ("target_sim", "mean_sim", "best_nontarget_sim", "margin", "rank", "graded_rank", "recall_at_1",
+            "recall_at_5", "recall_at_10", "reward")
     out: dict[str, float] = {}
     for key in keys:
         values = [float(s[key]) for s in samples if key in s]
