@@ -85,7 +85,8 @@ def expected_reciprocal_rank(above: np.ndarray, tied: np.ndarray) -> np.ndarray:
     if np.any(above < 0) or np.any(tied < 0):
         raise ValueError("above and tied must be counts >= 0")
     harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int((above + tied).max()) + 2))])
-    return (harmonic[above + tied + 1] - harmonic[above]) / (tied + 1.0)
+    spread = (harmonic[above + tied + 1] - harmonic[above]) / (tied + 1.0)
+    return np.where(tied == 0, 1.0 / (above + 1.0), spread)  # no ties: exactly 1 / position
 
 
 def subset_rank(scores: Mapping[str, float], target_id: str, reference_id: str | None = None) -> int:
