@@ -12,7 +12,7 @@ import grape_rewards
 ROOT = Path(grape_rewards.__file__).parent
 
 LAYERS: dict[str, int] = {
-    "devices": 0, "jsonl": 0,  # helpers every layer may use
+    "devices": 0, "jsonl": 0, "index_list": 0,  # helpers every layer may use
     "retrievers": 1,
     "rewards": 2, "corpus": 2, "labels": 2,  # siblings: rewards and corpus never import each other
     "scorer": 3, "alarms": 3, "ensemble": 3, "framework_io": 3, "scoring_io": 3,
