@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..retrievers.base import Retriever, load_image
 from .files import atomic_write, atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from .index import EMBEDDINGS, IDS, INDEX_FORMAT, INDEX_VERSION, MANIFEST, CorpusIndex, read_manifest

@@ -28,7 +28,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from .. import __version__
+from .._version import __version__
 from ..ensemble import EnsembleScorer, scorer_from_indexes
 from ..framework_io import native_answer, openrlhf_answer
 from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
