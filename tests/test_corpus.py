@@ -405,7 +405,7 @@ def test_a_text_index_keeps_each_items_contents_beside_its_id(tmp_path, minilm, 
     assert copy.get([2, 0]) == ["一只猫", '"Aaron"\nAaron is a prophet.']
     (tmp_path / "titled.csv").write_text("id,text,title\nx,some text,A Title\ny,more text,\n", encoding="utf-8")
     source = read_source(tmp_path / "titled.csv")
-    assert source.contents() == ['"A Title"\nsome text', "more text"]
+    assert list(source.contents()) == ['"A Title"\nsome text', "more text"]
     assert source.digest != read_source(write_jsonl(tmp_path / "plain.jsonl", [
         {"id": "x", "text": "some text"}, {"id": "y", "text": "more text"}])).digest
     image_rows = [{"id": "i", "image": str(images[0]), "title": "a picture"}]

@@ -135,6 +135,19 @@ def test_openrlhf_request_answered_exactly(http: httpx.Client, reference: Reward
     assert logs["target_sim"][0] > logs["mean_sim"][0]
 
 
+def test_scores_stay_the_rank_part_that_openrlhfs_dynamic_filtering_reads(http: httpx.Client) -> None:
+    """A decision, pinned: scores are not rewards. OpenRLHF 0.11.2 keeps a prompt when its samples' mean score lies
+    in --algo.dynamic_filtering_range, (0, 1) by default (samples_generator.py). A group of half empty completions
+    (reward -1) and half rank-1 rewrites (reward 1) has the most to teach: its rewards average 0, its scores 0.5."""
+    captions = ["A brown dog catches a frisbee in a sunny park."]
+    label = json.dumps({"target_ids": ["cap000"]})
+    group = [QWEN_PROMPT + "<answer></answer><|im_end|>"] * 2 + [QWEN_PROMPT + f"<answer>{captions[0]}</answer>"] * 2
+    answer = http.post("/get_reward", json={"query": group, "labels": [label] * 4}).json()
+    assert answer["rewards"][:2] == [-1.0, -1.0] and answer["extra_logs"]["rank"][2:] == [1.0, 1.0]
+    assert sum(answer["rewards"]) / 4 <= 0.0 < sum(answer["scores"]) / 4 < 1.0  # kept only through scores
+    assert answer["scores"] == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_openrlhf_without_prompts_and_empty(http: httpx.Client, reference: RewardScorer) -> None:
     response = "<answer>A brown dog catches a frisbee in a sunny park.</answer><|im_end|>"
     r = http.post("/get_reward", json={"query": [QWEN_PROMPT + response], "labels": ["cap000"]})

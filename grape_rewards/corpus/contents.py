@@ -15,16 +15,17 @@ the search nothing. Image corpora have no contents files.
 
 from __future__ import annotations
 
+import array
 import mmap
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write, atomic_write_bytes
+from .files import atomic_write
 
 CONTENTS = "contents.bin"
 CONTENT_OFFSETS = "contents-offsets.safetensors"
@@ -46,15 +47,22 @@ def item_contents(text: str, title: str | None = None) -> str:
     return f'"{title}"\n{text}' if title else text
 
 
-def write_contents(folder: str | Path, contents: Sequence[str]) -> None:
-    """Write the contents files of ``contents`` (one string per item, in row order) into ``folder``, atomically."""
+def write_contents(folder: str | Path, contents: Iterable[str]) -> None:
+    """Write the contents files of ``contents`` (one string per item, in row order) into ``folder``, atomically,
+    streaming: the texts are encoded one at a time, never all at once."""
     folder = Path(folder)
-    encoded = [c.encode("utf-8") for c in contents]
-    offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)
-    if encoded:
-        offsets[1:] = torch.tensor([len(b) for b in encoded], dtype=torch.int64).cumsum(0)
-    atomic_write_bytes(folder / CONTENTS, b"".join(encoded))
-    atomic_write(folder / CONTENT_OFFSETS, lambda tmp: save_file({"offsets": offsets}, str(tmp)))
+    offsets = array.array("q", [0])
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for text in contents:
+                data = text.encode("utf-8")
+                f.write(data)
+                offsets.append(offsets[-1] + len(data))
+
+    atomic_write(folder / CONTENTS, write)
+    table = torch.frombuffer(bytearray(offsets.tobytes()), dtype=torch.int64)
+    atomic_write(folder / CONTENT_OFFSETS, lambda tmp: save_file({"offsets": table}, str(tmp)))
 
 
 class ContentStore:

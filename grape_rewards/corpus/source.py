@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,12 +61,13 @@ class CorpusSource:
             self._digest = h.hexdigest()
         return self._digest
 
-    def contents(self) -> list[str] | None:
-        """Each item's contents (its text, headed by its title when it has one) for a text corpus; None for images."""
+    def contents(self) -> Iterator[str] | None:
+        """Each item's contents in order (its text, headed by its title when it has one) for a text corpus; None
+        for images."""
         if self.modality != "text":
             return None
-        titles = self.titles or [None] * len(self.items)
-        return [item_contents(text, title) for text, title in zip(self.items, titles)]
+        titles = self.titles or itertools.repeat(None)
+        return (item_contents(text, title) for text, title in zip(self.items, titles))
 
     @classmethod
     def from_records(cls, records: Iterable[tuple[str, str]], modality: Literal["image", "text"],
