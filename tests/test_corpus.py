@@ -436,3 +436,35 @@ def test_an_index_without_contents_files_still_loads_and_its_contents_are_its_id
     (tmp_path / "new" / "contents.bin").write_bytes(b"x" * 10)
     with pytest.raises(CorpusIndexError, match="checksum of contents.bin does not match"):
         CorpusIndex.load(tmp_path / "new")
+
+
+def test_a_resumed_build_gives_twins_their_first_copys_row_from_a_saved_shard(tmp_path, minilm, monkeypatch):
+    """Killed after two shards and resumed: the later copies take their rows from the shards saved before the kill,
+    and the index ends byte-identical to an uninterrupted build (texts included)."""
+    from grape_rewards.demo import data_path
+
+    texts = [json.loads(line)["text"] for line in data_path("captions.jsonl").read_text().splitlines()][:40]
+    rows = [{"id": f"t{i}", "text": c} for i, c in enumerate(texts)]
+    rows += [{"id": f"copy{i}", "text": c} for i, c in reversed(list(enumerate(texts)))]
+    source = read_source(write_jsonl(tmp_path / "twins.jsonl", rows))
+    build_index(source, minilm, tmp_path / "ref", batch_size=8, shard_size=20, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_index(source, minilm, tmp_path / "idx", batch_size=8, shard_size=20, progress=False,
+                    on_shard=kill_after_two)
+    encoded: list[str] = []
+    real = minilm.encode_texts
+    monkeypatch.setattr(minilm, "encode_texts", lambda texts, batch_size=256: encoded.extend(texts) or real(
+        texts, batch_size=batch_size))
+    index = build_index(source, minilm, tmp_path / "idx", batch_size=8, shard_size=20, progress=False)
+    assert encoded == []  # the first two shards held every first copy: the last two only copy rows
+    for name in ("embeddings.safetensors", "ids.json", "contents.bin", "contents-offsets.safetensors"):
+        assert (tmp_path / "idx" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert all(torch.equal(index.vectors([f"t{i}"]), index.vectors([f"copy{i}"])) for i in range(len(texts)))
