@@ -38,6 +38,21 @@ def text_source(tmp_path: Path, n: int = len(CAPTIONS)) -> CorpusSource:
                                                               for i, c in enumerate(CAPTIONS[:n])]))
 
 
+class Killed(Exception):
+    """Raised by a build's on_shard hook: the build stops there, as a killed process would."""
+
+
+def build_killed_after_two_shards(source: CorpusSource, retriever, out: Path, **options) -> None:
+    """Start a build of ``source`` into ``out`` and stop it once its second shard is saved."""
+
+    def kill_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_index(source, retriever, out, progress=False, on_shard=kill_after_two, **options)
+
+
 def test_build_text_index_and_manifest(tmp_path, minilm):
     index = build_index(text_source(tmp_path), minilm, tmp_path / "idx", batch_size=5, shard_size=7, progress=False)
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
@@ -66,16 +81,7 @@ def test_interrupted_build_resumes_identically(tmp_path, minilm, monkeypatch):
     source = text_source(tmp_path)
     reference = build_index(source, minilm, tmp_path / "ref", batch_size=4, shard_size=5, progress=False)
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(shard: int) -> None:
-        if shard == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False,
-                    on_shard=kill_after_two)
+    build_killed_after_two_shards(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5)
     assert not (tmp_path / "idx").exists()
     with pytest.raises(CorpusIndexError, match="rerun the same build to resume"):
         CorpusIndex.load(tmp_path / "idx")
@@ -449,16 +455,7 @@ def test_a_resumed_build_gives_twins_their_first_copys_row_from_a_saved_shard(tm
     source = read_source(write_jsonl(tmp_path / "twins.jsonl", rows))
     build_index(source, minilm, tmp_path / "ref", batch_size=8, shard_size=20, progress=False)
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(shard: int) -> None:
-        if shard == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        build_index(source, minilm, tmp_path / "idx", batch_size=8, shard_size=20, progress=False,
-                    on_shard=kill_after_two)
+    build_killed_after_two_shards(source, minilm, tmp_path / "idx", batch_size=8, shard_size=20)
     encoded: list[str] = []
     real = minilm.encode_texts
     monkeypatch.setattr(minilm, "encode_texts", lambda texts, batch_size=256: encoded.extend(texts) or real(
