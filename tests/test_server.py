@@ -673,6 +673,32 @@ def test_the_published_schema_allows_no_body_the_service_refuses_for_its_shape(h
     assert http.get("/docs").status_code == 404  # its page would load scripts from a CDN: /openapi.json is the contract
 
 
+def test_the_schema_asks_for_what_the_reward_settings_need() -> None:
+    """The relative mode needs every sample's original query; a composed retriever its reference image's id (so a
+    label's short forms, which carry none, are left out), and /retrieve one reference id per query."""
+    from pydantic.json_schema import models_json_schema
+
+    from grape_rewards.server.schema import REF, REQUESTS, contract
+
+    _, defs = models_json_schema([(m, "validation") for m in REQUESTS.values()], ref_template=REF)
+    plain = {"components": {"schemas": contract(defs["$defs"], max_items=8, max_topk=5)}}
+    strict = {"components": {"schemas": contract(defs["$defs"], max_items=8, max_topk=5, relative=True,
+                                                 reference=True, search_reference=True)}}
+    item = {"rewrite": "a dog", "target_ids": ["cap000"]}
+    cases = [("RewardsRequest", {"items": [item]}),
+             ("RewardsRequest", {"items": [{**item, "reference_id": "cap001", "original_query": " "}]}),
+             ("OpenRLHFRequest", {"query": ["q"], "labels": ["cap000"]}),
+             ("OpenRLHFRequest", {"query": ["q"], "labels": [{"target_ids": ["cap000"], "original_query": "a"}]}),
+             ("RetrieveRequest", {"queries": ["a dog"]})]
+    for model, body in cases:
+        assert allowed_by(plain, model, body) and not allowed_by(strict, model, body), body
+    for model, body in [("RewardsRequest", {"items": [{**item, "reference_id": "cap001", "original_query": "a"}]}),
+                        ("OpenRLHFRequest", {"query": ["q"], "labels": [
+                            {"target_ids": ["cap000"], "reference_id": "cap001", "original_query": "a"}]}),
+                        ("RetrieveRequest", {"queries": ["a dog"], "reference_ids": ["cap001"]})]:
+        assert allowed_by(strict, model, body), body
+
+
 @pytest.mark.slow
 def test_schemathesis_with_every_check_finds_nothing_on_the_published_schema(server: ServerThread,
                                                                              scorer: RewardScorer,
