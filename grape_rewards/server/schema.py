@@ -190,8 +190,9 @@ def contract(schemas: dict[str, Any], *, max_items: int, max_topk: int, relative
     search["properties"]["queries"]["maxItems"] = max_items
     search["properties"]["topk"]["maximum"] = max_topk
     references = {"type": "array", "items": ID, "maxItems": max_items}
-    search["properties"]["reference_ids"] = references if search_reference else {
-        "anyOf": [references, {"type": "null"}], "default": None}
+    search["properties"]["reference_ids"] = {
+        **(references if search_reference else {"anyOf": [references, {"type": "null"}], "default": None}),
+        "description": search["properties"]["reference_ids"]["description"]}
     if search_reference:
         search["required"].append("reference_ids")
     return out
