@@ -7,13 +7,9 @@ every verl reward worker) stays light: nothing imports torch until it is used.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:  # one place holds the version: pyproject.toml, read back from the installed metadata
-    __version__ = version("grape-rewards")
-except PackageNotFoundError:  # pragma: no cover - imported from a source tree that was never installed
-    __version__ = "0+unknown"
+from ._version import __version__
 
 _EXPORTS: dict[str, str] = {
     # retrievers

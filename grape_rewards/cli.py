@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import __version__
 from .cli_args import (
+    IndexListAction,
     add_retriever_args,
     add_reward_args,
     retriever_from_args,
@@ -49,7 +50,10 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DEFAULT_RETRIEVER, run_demo
 
-    rows = run_demo(retriever=retriever_from_args(args, args.retriever or DEFAULT_RETRIEVER), index=args.index,
+    if args.index and len(args.index) > 1:
+        raise ValueError(f"--index: the demo uses one index, got {len(args.index)}: {', '.join(args.index)}")
+    index = args.index[0] if args.index else None
+    rows = run_demo(retriever=retriever_from_args(args, args.retriever or DEFAULT_RETRIEVER), index=index,
                     queries=args.queries, config=reward_config_from_args(args))
     if args.json:
         _write_json(args.json, rows)
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="rank reward vs similarity reward on the embedded corpus (offline)")
     add_retriever_args(p, required=False)
-    p.add_argument("--index", type=Path, help="an index folder to use instead of the embedded captions")
+    p.add_argument("--index", action=IndexListAction, help="an index folder to use instead of the embedded captions")
     p.add_argument("--queries", type=Path, help="JSONL of demo queries (query_id, kind, query, target_ids, candidates)")
     p.add_argument("--json", type=Path, help="also write the table rows as JSON here")
     add_reward_args(p)
@@ -141,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sh.set_defaults(func=cmd_index_shard)
 
     p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
-    p.add_argument("--index", required=True, type=Path, action="append",
-                   help="the index folder; repeat it for an ensemble of their retrievers over the same ids")
+    p.add_argument("--index", required=True, action=IndexListAction,
+                   help="the index folder; several (comma-separated or --index repeated) for an ensemble of their "
+                        "retrievers over the same ids")
     add_retriever_args(p, required=False)
     p.add_argument("--input", required=True, type=Path,
                    help="JSONL rows: completion or rewrite, target_ids, [excluded_ids, reference_id, query_id, "

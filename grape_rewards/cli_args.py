@@ -15,6 +15,21 @@ if TYPE_CHECKING:
     from .rewards import RewardConfig
 
 
+class IndexListAction(argparse.Action):
+    """``--index``, the same syntax in every command: one folder, several separated by commas, or the flag repeated
+    (:func:`~grape_rewards.index_list.parse_index_list`); the folders gather in a list."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from .index_list import parse_index_list
+
+        try:
+            folders = parse_index_list(str(values), option_string or "--index")
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), *folders])
+
+
 def add_retriever_args(p: argparse.ArgumentParser, required: bool = True, default: str | None = None) -> None:
     """``--retriever`` (a spec) and how to run it: ``--device``, ``--dtype``, ``--fusion``, ``--image-weight``."""
     p.add_argument("--retriever", required=required, default=default,

@@ -254,7 +254,8 @@ class RewardClient:
         return self.call(get_reward_call(queries, prompts, labels))
 
     def retrieve(self, queries: Sequence[str], topk: int = 10, return_scores: bool = True) -> list[list[Any]]:
-        """Top-k corpus ids (and scores) of each query."""
+        """Top-k documents of each query, best first: ``{"document": {"id", "contents"}, "score"}`` (the documents
+        alone without ``return_scores``); contents is the item's text, or its id where the index keeps no texts."""
         return self.call(retrieve_call(queries, topk, return_scores))
 
     def info(self) -> dict[str, Any]:

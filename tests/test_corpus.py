@@ -38,17 +38,34 @@ def text_source(tmp_path: Path, n: int = len(CAPTIONS)) -> CorpusSource:
                                                               for i, c in enumerate(CAPTIONS[:n])]))
 
 
+class Killed(Exception):
+    """Raised by a build's on_shard hook: the build stops there, as a killed process would."""
+
+
+def build_killed_after_two_shards(source: CorpusSource, retriever, out: Path, **options) -> None:
+    """Start a build of ``source`` into ``out`` and stop it once its second shard is saved."""
+
+    def kill_after_two(shard: int) -> None:
+        if shard == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        build_index(source, retriever, out, progress=False, on_shard=kill_after_two, **options)
+
+
 def test_build_text_index_and_manifest(tmp_path, minilm):
     index = build_index(text_source(tmp_path), minilm, tmp_path / "idx", batch_size=5, shard_size=7, progress=False)
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert manifest["count"] == len(CAPTIONS) and manifest["dim"] == 384 and manifest["dtype"] == "float16"
     assert manifest["retriever"]["fingerprint"] == minilm.fingerprint
     assert manifest["retriever"]["spec"] == "text:all-MiniLM-L6-v2"
-    assert set(manifest["checksums"]) == {"embeddings.safetensors", "ids.json"} and manifest["created_at"]
+    assert set(manifest["checksums"]) == {"embeddings.safetensors", "ids.json", "contents.bin",
+                                          "contents-offsets.safetensors"} and manifest["created_at"]
     assert not (tmp_path / "idx.partial").exists()
     direct = minilm.encode_texts(CAPTIONS)
     assert torch.allclose(index.embeddings.float(), direct, atol=2e-3)
     assert index.ids == [f"t{i}" for i in range(len(CAPTIONS))]
+    assert index.contents_kind == "text" and index.contents(["t3", "t0"]) == [CAPTIONS[3], CAPTIONS[0]]
 
 
 def test_build_image_folder_index(tmp_path, tiny_open_clip, images):
@@ -64,16 +81,7 @@ def test_interrupted_build_resumes_identically(tmp_path, minilm, monkeypatch):
     source = text_source(tmp_path)
     reference = build_index(source, minilm, tmp_path / "ref", batch_size=4, shard_size=5, progress=False)
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_two(shard: int) -> None:
-        if shard == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        build_index(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5, progress=False,
-                    on_shard=kill_after_two)
+    build_killed_after_two_shards(source, minilm, tmp_path / "idx", batch_size=4, shard_size=5)
     assert not (tmp_path / "idx").exists()
     with pytest.raises(CorpusIndexError, match="rerun the same build to resume"):
         CorpusIndex.load(tmp_path / "idx")
@@ -278,6 +286,8 @@ def test_resumed_build_encodes_a_damaged_shard_again(tmp_path, minilm):
         ("manifest_count", "'count' must be an integer >= 0, got '6'"),
         ("not_safetensors", "embeddings.safetensors is not a safetensors file"),
         ("wrong_tensor", "must hold one 2-D float tensor named 'embeddings'"),
+        ("contents_offsets", "the offsets do not cut .*contents.bin \\(\\d+ bytes\\) into items in order"),
+        ("contents_count", "must hold 7 int64 offsets for 6 items"),
     ],
 )
 def test_a_damaged_index_with_matching_checksums_is_refused_in_one_line(tmp_path, minilm, damage, message):
@@ -310,8 +320,12 @@ def test_a_damaged_index_with_matching_checksums_is_refused_in_one_line(tmp_path
         emb_file.write_bytes(b"\x00" * 64)
     elif damage == "wrong_tensor":
         save_file({"vectors": emb}, str(emb_file))
+    elif damage.startswith("contents"):
+        offsets = load_file(str(folder / "contents-offsets.safetensors"))["offsets"]
+        offsets = offsets.flip(0) if damage == "contents_offsets" else offsets[:-1]
+        save_file({"offsets": offsets.contiguous()}, str(folder / "contents-offsets.safetensors"))
     if damage != "manifest_list":
-        manifest["checksums"] = {"embeddings.safetensors": sha256_file(emb_file), "ids.json": sha256_file(ids_file)}
+        manifest["checksums"] = {name: sha256_file(folder / name) for name in manifest["checksums"]}
         atomic_write_json(manifest_file, manifest)
     with pytest.raises(CorpusIndexError, match=message) as info:
         CorpusIndex.load(folder)
@@ -333,3 +347,121 @@ def test_written_files_follow_the_umask(tmp_path, tiny_open_clip, images, umask)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) >= 4
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
+
+
+def test_identical_texts_share_one_embedding_so_a_copy_never_outranks_its_twin(tmp_path, minilm):
+    """Every caption twice, the copies in other batches and shards: an encoder's float rounding depends on the batch
+    an item is in, and a copy embedded a last bit closer to a query than its twin would push the target to rank 2,
+    although the rank counts ties for the target. Identical items are encoded once and share the embedding."""
+    from grape_rewards.demo import data_path
+
+    texts = [json.loads(line)["text"] for line in data_path("captions.jsonl").read_text().splitlines()]
+    rows = [{"id": f"t{i}", "text": c} for i, c in enumerate(texts)]
+    rows += [{"id": f"copy{i}", "text": c} for i, c in reversed(list(enumerate(texts)))]
+    index = build_index(read_source(write_jsonl(tmp_path / "twins.jsonl", rows)), minilm, tmp_path / "idx",
+                        batch_size=16, shard_size=48, progress=False)
+    twins = [(index.row_of[f"t{i}"], index.row_of[f"copy{i}"]) for i in range(len(texts))]
+    differ = [i for i, (a, b) in enumerate(twins) if not torch.equal(index.embeddings[a], index.embeddings[b])]
+    assert not differ, f"{len(differ)} twins embedded differently, e.g. {texts[differ[0]]!r}"
+    queries = minilm.encode_texts(texts)
+    for name in ("t", "copy"):
+        ranks = index.rank(queries, [[f"{name}{i}"] for i in range(len(texts))]).rank
+        assert ranks.tolist() == [1] * len(texts), name
+
+
+def test_identical_image_files_share_one_embedding(tmp_path, tiny_open_clip, images, monkeypatch):
+    """Images of the same bytes under other names (only files whose sizes collide are hashed) share the embedding
+    of the first; the other images are encoded as before. The tiny model rounds alike in every batch on this CPU,
+    so its encoder is made to round by batch size, as GPU kernels chosen by batch shape do."""
+    import shutil
+
+    real = tiny_open_clip.encode_images
+
+    def rounds_by_batch(images: list, batch_size: int = 64) -> torch.Tensor:
+        emb = real(images, batch_size=batch_size)
+        return torch.nn.functional.normalize(emb + 1e-3 * len(images), dim=-1)
+
+    monkeypatch.setattr(tiny_open_clip, "encode_images", rounds_by_batch)
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for path in images:
+        shutil.copy(path, folder / path.name)
+        shutil.copy(path, folder / f"z_copy_{path.name}")  # sorted after every original: other batches
+    index = build_index(read_source(folder), tiny_open_clip, tmp_path / "idx", batch_size=3, progress=False)
+    for path in images:
+        a, b = index.row_of[path.stem], index.row_of[f"z_copy_{path.stem}"]
+        assert torch.equal(index.embeddings[a], index.embeddings[b]), path.name
+    assert torch.allclose(index.vectors([p.stem for p in images]), real(images), atol=2e-2)
+    assert len({tuple(row.tolist()) for row in index.embeddings}) == len(images)
+
+
+def test_a_text_index_keeps_each_items_contents_beside_its_id(tmp_path, minilm, images):
+    """Search-R1's passage format: the text, headed by the title in double quotes when the item has one (not
+    embedded: the same embedding with or without it). The store pickles (it reopens its map) and an image item
+    with a title is refused."""
+    import pickle
+
+    rows = [{"id": "a", "text": "Aaron is a prophet.", "title": "Aaron"}, {"id": "b", "text": "a dog\non grass"},
+            {"id": "c", "text": "一只猫", "title": ""}]
+    index = build_index(read_source(write_jsonl(tmp_path / "titled.jsonl", rows)), minilm, tmp_path / "idx",
+                        progress=False)
+    assert index.contents(["a", "b", "c"]) == ['"Aaron"\nAaron is a prophet.', "a dog\non grass", "一只猫"]
+    assert torch.equal(index.vectors(["a"]), minilm.encode_texts(["Aaron is a prophet."]).half().float())
+    copy = pickle.loads(pickle.dumps(index.content_store))
+    assert copy.get([2, 0]) == ["一只猫", '"Aaron"\nAaron is a prophet.']
+    (tmp_path / "titled.csv").write_text("id,text,title\nx,some text,A Title\ny,more text,\n", encoding="utf-8")
+    source = read_source(tmp_path / "titled.csv")
+    assert list(source.contents()) == ['"A Title"\nsome text', "more text"]
+    assert source.digest != read_source(write_jsonl(tmp_path / "plain.jsonl", [
+        {"id": "x", "text": "some text"}, {"id": "y", "text": "more text"}])).digest
+    image_rows = [{"id": "i", "image": str(images[0]), "title": "a picture"}]
+    with pytest.raises(CorpusSourceError, match="'title' is read for text items only"):
+        read_source(write_jsonl(tmp_path / "images.jsonl", image_rows))
+
+
+def test_an_index_without_contents_files_still_loads_and_its_contents_are_its_ids(tmp_path, minilm, tiny_open_clip,
+                                                                                    images):
+    """Indexes built before the texts were kept (their manifest names no contents files), and image corpora."""
+    from grape_rewards.corpus.files import atomic_write_json
+
+    folder = tmp_path / "old"
+    build_index(text_source(tmp_path, 6), minilm, folder, progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("contents.bin", "contents-offsets.safetensors"):
+        del manifest["checksums"][name]
+        (folder / name).unlink()
+    atomic_write_json(folder / "manifest.json", manifest)
+    old = CorpusIndex.load(folder)
+    assert old.contents_kind == "id" and old.contents(["t2", "t0"]) == ["t2", "t0"]
+    gallery = build_index(read_source(images[0].parent), tiny_open_clip, tmp_path / "gallery", progress=False)
+    assert gallery.contents_kind == "id" and not (tmp_path / "gallery" / "contents.bin").exists()
+    assert gallery.contents([images[1].stem]) == [images[1].stem]
+    with pytest.raises(UnknownIdError):
+        gallery.contents(["nope"])
+    build_index(text_source(tmp_path, 6), minilm, tmp_path / "new", progress=False)
+    (tmp_path / "new" / "contents.bin").write_bytes(b"x" * 10)
+    with pytest.raises(CorpusIndexError, match="checksum of contents.bin does not match"):
+        CorpusIndex.load(tmp_path / "new")
+
+
+def test_a_resumed_build_gives_twins_their_first_copys_row_from_a_saved_shard(tmp_path, minilm, monkeypatch):
+    """Killed after two shards and resumed: the later copies take their rows from the shards saved before the kill,
+    and the index ends byte-identical to an uninterrupted build (texts included)."""
+    from grape_rewards.demo import data_path
+
+    texts = [json.loads(line)["text"] for line in data_path("captions.jsonl").read_text().splitlines()][:40]
+    rows = [{"id": f"t{i}", "text": c} for i, c in enumerate(texts)]
+    rows += [{"id": f"copy{i}", "text": c} for i, c in reversed(list(enumerate(texts)))]
+    source = read_source(write_jsonl(tmp_path / "twins.jsonl", rows))
+    build_index(source, minilm, tmp_path / "ref", batch_size=8, shard_size=20, progress=False)
+
+    build_killed_after_two_shards(source, minilm, tmp_path / "idx", batch_size=8, shard_size=20)
+    encoded: list[str] = []
+    real = minilm.encode_texts
+    monkeypatch.setattr(minilm, "encode_texts", lambda texts, batch_size=256: encoded.extend(texts) or real(
+        texts, batch_size=batch_size))
+    index = build_index(source, minilm, tmp_path / "idx", batch_size=8, shard_size=20, progress=False)
+    assert encoded == []  # the first two shards held every first copy: the last two only copy rows
+    for name in ("embeddings.safetensors", "ids.json", "contents.bin", "contents-offsets.safetensors"):
+        assert (tmp_path / "idx" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert all(torch.equal(index.vectors([f"t{i}"]), index.vectors([f"copy{i}"])) for i in range(len(texts)))

@@ -88,3 +88,25 @@ def test_series_report_from_a_scored_jsonl(index_dir: Path, tmp_path: Path) -> N
     assert min(series["reward"][:3]) > 0.0 and series["reward"][-1] == -1.0
     assert series["format_failure"][-1] == 1.0 and series["target_sim"][-1] is None  # no rewrite: no similarity
     assert cli_main(["series-report", "--scored", str(tmp_path / "in.jsonl"), "--out", str(out)]) == 2  # not scored
+
+
+def test_the_labelled_series_the_dashboard_queries_are_on_metrics_from_the_start(minilm: TextEmbedder,
+                                                                                index_dir: Path) -> None:
+    """Before any rejection and before an alarm window fills, /metrics already has a grape_rejected_total series per
+    reason (0) and a grape_alarm_stat series per statistic (NaN), so the panels that query them have data at once."""
+    from grape_rewards.alarms import ALARMS, STATS
+
+    reasons = ("queue_full", "not_ready", "bad_request", "unauthorized", "too_large")  # as /metrics documents them
+    scorer = RewardScorer(minilm, CorpusIndex.load(index_dir), RewardConfig())
+    with ServerThread(create_app(scorer, ServeConfig(index=str(index_dir)))) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        text = http.get("/metrics").text
+    series = {name + labels: value for name, labels, value in re.findall(r"^(grape_\w+)(\{[^}]*\})? (\S+)$", text,
+                                                                        re.M)}
+    assert {f'grape_rejected_total{{reason="{r}"}}': "0.0" for r in reasons}.items() <= series.items()
+    assert {f'grape_alarm_stat{{stat="{s}"}}': "NaN" for s in STATS}.items() <= series.items()
+    assert {f'grape_alarm{{name="{a}"}}': "0.0" for a in ALARMS}.items() <= series.items()
+    for query in dashboard_queries():
+        for name, _ in METRIC.findall(query):
+            if name in ("grape_rejected_total", "grape_alarm_stat", "grape_alarm"):
+                assert any(key.startswith(name + "{") for key in series), name

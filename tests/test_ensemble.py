@@ -150,3 +150,63 @@ def test_a_retriever_beside_several_indexes_is_refused_once_before_loading(
     assert cli_main(argv) == 2
     assert "grape-rewards serve: error: retriever: an ensemble of indexes uses each index's own retriever" in \
         capsys.readouterr().err
+
+
+INDEX_FORMS = [(["A"], ["A"]), (["A,B"], ["A", "B"]), (["A", "B"], ["A", "B"]), ([" A , B ", "C"], ["A", "B", "C"])]
+"""``--index`` values (one per flag) and the folders they name: one syntax in every command (index_list)."""
+
+
+def folders_named(command: str, values: list[str]) -> list[str]:
+    """The index folders ``command`` resolves from ``values`` (flags for the CLI verbs, settings for the adapters)."""
+    from grape_rewards.adapters import _common
+    from grape_rewards.cli import build_parser
+    from grape_rewards.server.cli import config_from_args
+
+    flags = [arg for value in values for arg in ("--index", value)]
+    parse = build_parser().parse_args
+    if command == "serve":
+        return config_from_args(parse(["serve", *flags])).index_paths
+    if command == "score":
+        return parse(["score", *flags, "--input", "in.jsonl", "--output", "out.jsonl"]).index
+    if command == "eval":
+        return parse(["eval", "--benchmark", "cirr", "--root", "data", "--out", "out", *flags]).index
+    if command == "demo":
+        return parse(["demo", *flags]).index
+    setting = values[0] if len(values) == 1 else values  # the adapters' index setting: a string or a list
+    return _common.index_paths(_common.resolve_settings({"index": setting}, environ={}).index)
+
+
+@pytest.mark.parametrize("command", ["serve", "score", "eval", "demo", "adapters"])
+@pytest.mark.parametrize(("values", "expected"), INDEX_FORMS)
+def test_every_command_reads_index_folders_in_one_syntax(command: str, values: list[str], expected: list[str]) -> None:
+    assert folders_named(command, values) == expected
+
+
+@pytest.mark.parametrize("command", ["serve", "score", "eval", "demo", "adapters"])
+def test_a_stray_comma_in_index_is_one_clear_error_in_every_command(command: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises((ValueError, SystemExit)) as raised:
+        folders_named(command, ["A,"])
+    message = str(raised.value) if isinstance(raised.value, ValueError) else capsys.readouterr().err
+    assert "'A,': entry 2 of 2 is empty (a stray comma?)" in message, message
+
+
+def test_score_serve_demo_and_adapters_run_on_comma_separated_indexes(indexes: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--index A,B`` scores an ensemble in ``score`` as in ``serve``; the adapters take a list; the demo, which
+    compares two rewards over one index, refuses two with one line."""
+    from grape_rewards.adapters.openrlhf import reward_lists
+
+    paths = [str(indexes["tiny_bert"]), str(indexes["tiny_random"])]
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"rewrite": "a dog catches a frisbee", "target_ids": ["cap000"]}) + "\n")
+    assert cli_main(["score", "--index", ",".join(paths), "--input", str(rows), "--output", str(tmp_path / "out.jsonl"),
+                     "--quiet", "--device", "cpu"]) == 0
+    (out,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    label = json.dumps({"target_ids": ["cap000"]})
+    local = reward_lists(["a dog catches a frisbee"], None, [label], index=paths, device="cpu")
+    assert local["extra_logs"]["retriever_1_rank"] == [out["retriever_1_rank"]]
+    assert load_scorer(ServeConfig(index=[",".join(paths)], device="cpu")).describe()["members"][1]["index"] == paths[1]
+    capsys.readouterr()
+    assert cli_main(["demo", "--index", ",".join(paths), "--device", "cpu"]) == 2
+    assert "--index: the demo uses one index, got 2" in capsys.readouterr().err

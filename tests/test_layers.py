@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import grape_rewards
@@ -12,7 +13,7 @@ import grape_rewards
 ROOT = Path(grape_rewards.__file__).parent
 
 LAYERS: dict[str, int] = {
-    "devices": 0, "jsonl": 0,  # helpers every layer may use
+    "devices": 0, "jsonl": 0, "index_list": 0, "_version": 0,  # helpers every layer may use
     "retrievers": 1,
     "rewards": 2, "corpus": 2, "labels": 2,  # siblings: rewards and corpus never import each other
     "scorer": 3, "alarms": 3, "ensemble": 3, "framework_io": 3, "scoring_io": 3,
@@ -35,7 +36,12 @@ def unit(module: str) -> str:
 
 def imports() -> set[tuple[str, str]]:
     """(importing unit, imported unit) of every ``grape_rewards`` import in the package, between different units."""
-    edges = set()
+    return {(unit(module), unit(target)) for module, target in imported_modules()
+            if target.startswith("grape_rewards.") and unit(target) != unit(module)}
+
+
+def imported_modules() -> Iterator[tuple[str, str]]:
+    """(importing module, imported module) of every import in the package (``from . import x`` names the package)."""
     for path in ROOT.rglob("*.py"):
         parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
         package = parts[:-1]  # what a relative import starts from, for a module and an __init__ alike
@@ -49,9 +55,7 @@ def imports() -> set[tuple[str, str]]:
             else:
                 continue
             for target in targets:
-                if target.startswith("grape_rewards.") and unit(target) != unit(module):
-                    edges.add((unit(module), unit(target)))
-    return edges
+                yield module, target
 
 
 def test_every_unit_has_a_layer() -> None:
@@ -65,6 +69,13 @@ def test_imports_point_down_and_siblings_stay_apart() -> None:
     upward = sorted((a, b) for a, b in edges if LAYERS[b] > LAYERS[a])
     assert not upward, f"imports of a layer above: {upward}"
     assert not sorted(edges & FORBIDDEN), f"forbidden imports: {sorted(edges & FORBIDDEN)}"
+
+
+def test_only_the_cli_imports_the_package_root() -> None:
+    """The root package re-exports every layer, so a module below the CLI that imports it (``from .. import
+    __version__``) reaches above its layer; the version is read from ``grape_rewards._version``."""
+    root = {module for module, target in imported_modules() if target == "grape_rewards"} - {"grape_rewards.cli"}
+    assert not root, f"modules that import the package root: {sorted(root)}"
 
 
 def test_no_import_cycles_between_packages() -> None:

@@ -2,8 +2,8 @@
 clients (one per process, per event loop for the async one), the lazily loaded in-process scorer, and a
 thread micro-batcher.
 
-Imports only the standard library at module level (verl imports the adapters in every reward worker);
-httpx, pydantic and torch load on first use.
+Imports only the standard library (and the light index-list parser) at module level (verl imports the adapters
+in every reward worker); httpx, pydantic and torch load on first use.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from grape_rewards.index_list import parse_index_list
 
 if TYPE_CHECKING:
     from grape_rewards.client import AsyncRewardClient, RewardClient
@@ -58,7 +60,7 @@ class AdapterSettings:
     """Extra attempts after the first on connection errors, timeouts, 429 and 5xx (exponential backoff); None: the
     client's default (:data:`grape_rewards.client.DEFAULT_RETRIES`, 22.75-45.5 s of waiting: outlasts a restart)."""
     index: str | None = None
-    """In-process mode: the index folder (several, comma-separated: an ensemble of their retrievers)."""
+    """In-process mode: the index folder; several (comma-separated, or a list) make an ensemble of their retrievers."""
     retriever: str | None = None
     """In-process mode: retriever spec (default: the one recorded in the index manifest)."""
     reward_config: str | None = None
@@ -110,7 +112,10 @@ reward_config=None, device='auto')
         raise ValueError(f"grape-rewards: bad reward option: {exc} (timeout is seconds, retries an integer)") from None
     if values.get("timeout", 1.0) <= 0 or values.get("retries", 0) < 0:
         raise ValueError("grape-rewards: timeout must be > 0 and retries >= 0")
-    for name in ("url", "token", "index", "retriever", "reward_config", "device"):
+    if "index" in values:  # one canonical form: the folders, comma-separated (the settings are a cache key)
+        where = "index" if overrides and overrides.get("index") not in (None, "") else f"index ({ENV_VARS['index']})"
+        values["index"] = ",".join(parse_index_list(values["index"], f"grape-rewards: {where}"))
+    for name in ("url", "token", "retriever", "reward_config", "device"):
         if name in values:
             values[name] = str(values[name])
     return AdapterSettings(**values)
@@ -343,24 +348,13 @@ class InProcessScorer:
 
 
 def index_paths(index: str) -> list[str]:
-    """The index folder(s) of the ``index`` setting (``GRAPE_INDEX``): comma-separated, several make an ensemble.
-
-    An empty entry (a stray comma) is refused, naming it, before anything is loaded.
+    """The index folder(s) of the ``index`` setting (``GRAPE_INDEX``), in the syntax of every ``--index``
+    (:func:`~grape_rewards.index_list.parse_index_list`): several make an ensemble.
 
     >>> index_paths("idx/a, idx/b")
     ['idx/a', 'idx/b']
-    >>> index_paths("idx/a,")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: grape-rewards: index (GRAPE_INDEX) 'idx/a,': entry 2 of 2 is empty (a stray comma?); ...
     """
-    paths = [part.strip() for part in index.split(",")]
-    for position, path in enumerate(paths, 1):
-        if not path:
-            raise ValueError(f"grape-rewards: index (GRAPE_INDEX) {index!r}: entry {position} of {len(paths)} is "
-                             "empty (a stray comma?); give index folders separated by commas, e.g. "
-                             "GRAPE_INDEX=indexes/a,indexes/b")
-    return paths
+    return parse_index_list(index, f"grape-rewards: index ({ENV_VARS['index']})")
 
 
 _scorers: dict[AdapterSettings, InProcessScorer] = {}

@@ -5,7 +5,13 @@ The corpus is cut into shards of ``shard_size`` items. Each finished shard is wr
 shard; a saved shard whose checksum is missing or does not match is encoded again; shards are
 encoded the same way whether or not the build was interrupted, so a resumed build ends byte-identical
 to an uninterrupted one. The finished index is assembled in the staging folder and renamed into place:
-``<out>`` either holds a complete index or does not exist.
+``<out>`` either holds a complete index or does not exist. A text corpus's index also keeps each item's text
+(:mod:`.contents`), what ``/retrieve`` answers as a document's contents.
+
+Items of identical content (the same text; image files of the same bytes) are encoded once and share that
+embedding, bit for bit: an encoder's float rounding depends on the batch an item is in, and a duplicate
+embedded a last bit closer to a query than its twin would outrank it although the rank counts ties for the
+target.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,14 +30,18 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..retrievers.base import Retriever, load_image
+from .contents import CONTENT_FILES, write_contents
 from .files import atomic_write, atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from .index import EMBEDDINGS, IDS, INDEX_FORMAT, INDEX_VERSION, MANIFEST, CorpusIndex, read_manifest
 from .source import CorpusSource, CorpusSourceError
 
 logger = logging.getLogger(__name__)
 STATE = "state.json"
+STAGING_VERSION = 2
+"""Version of the staging folder's shards (2: duplicates share their first copy's embedding); a staging folder of
+another version is encoded again."""
 
 
 def _shard_file(staging: Path, shard: int) -> Path:
@@ -66,20 +76,49 @@ def _save_shard(path: Path, embeddings: torch.Tensor) -> None:
     atomic_write_bytes(_checksum_file(path), (sha256_file(path) + "\n").encode("utf-8"))
 
 
+def first_copies(source: CorpusSource) -> list[int]:
+    """For each item, the row of the first item of identical content (its own row when it is the first): the same
+    text, or image files of the same bytes (only files whose sizes collide are read and hashed).
+
+    >>> first_copies(CorpusSource(["a", "b", "c", "d"], ["x", "y", "x", "x"], "text"))
+    [0, 1, 0, 0]
+    """
+    if source.modality == "text":
+        keys: Sequence[object] = source.items
+    else:
+        sizes = [os.stat(path).st_size for path in source.items]
+        count: dict[int, int] = {}
+        for size in sizes:
+            count[size] = count.get(size, 0) + 1
+        keys = [(size, sha256_file(path) if count[size] > 1 else path) for size, path in zip(sizes, source.items)]
+    first: dict[object, int] = {}
+    return [first.setdefault(key, row) for row, key in enumerate(keys)]
+
+
 def _encode_shard(retriever: Retriever, source: CorpusSource, start: int, end: int, batch_size: int,
-                  pool: ThreadPoolExecutor | None, progress: tqdm) -> torch.Tensor:
-    chunks = []
-    for b in range(start, end, batch_size):
-        ids, items = source.ids[b:min(b + batch_size, end)], source.items[b:min(b + batch_size, end)]
+                  pool: ThreadPoolExecutor | None, progress: tqdm, first: Sequence[int],
+                  earlier: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The float16 embeddings of rows ``start:end``: each first copy encoded (in batches of first copies), each
+    later copy given its first copy's row (from this shard, or ``earlier(row)`` from a saved shard)."""
+    out = torch.empty(end - start, retriever.dim, dtype=torch.float16)
+    unique = [row for row in range(start, end) if first[row] == row]
+    for b in range(0, len(unique), batch_size):
+        rows = unique[b:b + batch_size]
+        ids, items = [source.ids[r] for r in rows], [source.items[r] for r in rows]
         if source.modality == "image":
             loaded = list(pool.map(_load_or_explain, zip(ids, items))) if pool else [
                 _load_or_explain(x) for x in zip(ids, items)]
             emb = retriever.encode_images(loaded, batch_size=batch_size)
         else:
             emb = retriever.encode_texts(items, batch_size=batch_size)
-        chunks.append(emb.to("cpu", torch.float16))
-        progress.update(len(ids))
-    return torch.cat(chunks)
+        out[torch.tensor(rows) - start] = emb.to("cpu", torch.float16)
+        progress.update(len(rows))
+    for row in range(start, end):
+        src = first[row]
+        if src != row:
+            out[row - start] = out[src - start] if src >= start else earlier(src)
+    progress.update(end - start - len(unique))
+    return out
 
 
 def _load_or_explain(pair: tuple[str, str]) -> Image.Image:
@@ -121,7 +160,7 @@ def build_index(
         raise ValueError("shard_size and batch_size must be >= 1")
     staging = out.with_name(out.name + ".partial")
     state = {"source": source.digest, "fingerprint": retriever.fingerprint, "count": len(source),
-             "dim": retriever.dim, "shard_size": shard_size, "batch_size": batch_size}
+             "dim": retriever.dim, "shard_size": shard_size, "batch_size": batch_size, "staging": STAGING_VERSION}
     state_file = staging / STATE
     if staging.exists():
         try:
@@ -144,6 +183,7 @@ def build_index(
             done[shard] = cached
     if done:
         logger.info("resuming %s: %d of %d shards already encoded", out, len(done), num_shards)
+    first = first_copies(source)
     pool = ThreadPoolExecutor(max_workers=num_workers) if source.modality == "image" and num_workers > 0 else None
     try:
         with tqdm(total=len(source), desc=f"index {out.name}", unit="item", disable=not progress) as bar:
@@ -152,7 +192,8 @@ def build_index(
                 if shard in done:
                     continue
                 start, end = shard * shard_size, min((shard + 1) * shard_size, len(source))
-                emb = _encode_shard(retriever, source, start, end, batch_size, pool, bar)
+                emb = _encode_shard(retriever, source, start, end, batch_size, pool, bar, first,
+                                    lambda row: done[row // shard_size][row % shard_size])
                 _save_shard(_shard_file(staging, shard), emb)
                 done[shard] = emb
                 if on_shard is not None:
@@ -168,6 +209,10 @@ def build_index(
     final.mkdir()
     atomic_write(final / EMBEDDINGS, lambda tmp: save_file({"embeddings": embeddings.contiguous()}, str(tmp)))
     atomic_write_bytes(final / IDS, json.dumps(source.ids, ensure_ascii=False).encode("utf-8"))
+    contents = source.contents()
+    if contents is not None:
+        write_contents(final, contents)
+    written = (EMBEDDINGS, IDS, *(CONTENT_FILES if contents is not None else ()))
     manifest = {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -176,7 +221,7 @@ def build_index(
         "count": len(source),
         "dtype": "float16",
         "modality": source.modality,
-        "checksums": {EMBEDDINGS: sha256_file(final / EMBEDDINGS), IDS: sha256_file(final / IDS)},
+        "checksums": {name: sha256_file(final / name) for name in written},
         "source": {"origin": source.origin, "sha256": source.digest},
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "grape_rewards_version": __version__,

@@ -5,6 +5,12 @@ Layout of an index folder::
     manifest.json            format, retriever spec + fingerprint, dim, count, dtype, checksums, created_at
     embeddings.safetensors   {"embeddings": (count, dim) float16}
     ids.json                 ["id0", "id1", ...]
+    contents.bin                   text corpora: the items' texts, one after the other (:mod:`.contents`)
+    contents-offsets.safetensors   text corpora: {"offsets": (count + 1,) int64}, where each item's text starts
+
+The contents files are optional: an index holds them when its manifest's checksums name them (text corpora built
+by this version); image corpora, shards, and indexes built before them have none, and their items' contents are
+their ids.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..devices import to_device
+from .contents import CONTENT_FILES, CONTENTS, ContentsError, ContentStore
 from .files import sha256_file
 from .rank import DEFAULT_CHUNK_ELEMENTS, NO_EXTRAS, RankStats, ScanExtras, column_sums, corpus_rank, max_row_norm
 
@@ -169,7 +176,7 @@ class CorpusIndex:
     """Embeddings of a corpus, their ids, and the manifest naming the retriever that made them."""
 
     def __init__(self, embeddings: torch.Tensor, ids: Sequence[str], manifest: dict[str, Any] | None = None,
-                 path: str | Path | None = None) -> None:
+                 path: str | Path | None = None, contents: ContentStore | None = None) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
             raise ValueError(f"embeddings {tuple(embeddings.shape)} do not match {len(ids)} ids")
         self.embeddings = embeddings
@@ -179,6 +186,10 @@ class CorpusIndex:
             raise ValueError("duplicate ids in the index")
         self.manifest = manifest or {}
         self.path = Path(path) if path is not None else None
+        if contents is not None and len(contents) != len(self.ids):
+            raise ValueError(f"contents of {len(contents)} items do not match {len(self.ids)} ids")
+        self.content_store = contents
+        """Each item's text (text corpora), or None: then an item's contents is its id."""
         self._searcher: Any = None
         self._column_sums: torch.Tensor | None = None
         self._max_row_norm: float | None = None
@@ -207,6 +218,17 @@ class CorpusIndex:
         if self._max_row_norm is None:
             self._max_row_norm = max_row_norm(self.embeddings)
         return self._max_row_norm
+
+    @property
+    def contents_kind(self) -> str:
+        """What :meth:`contents` gives: ``"text"`` (each item's text) or ``"id"`` (no texts are stored: an image
+        corpus, or an index built before texts were kept beside the ids)."""
+        return "text" if self.content_store is not None else "id"
+
+    def contents(self, ids: Sequence[str]) -> list[str]:
+        """Each item's contents (:attr:`contents_kind`); an unknown id raises :class:`UnknownIdError`."""
+        rows = self.rows(ids)
+        return self.content_store.get(rows) if self.content_store is not None else [str(i) for i in ids]
 
     @property
     def fingerprint(self) -> str | None:
@@ -244,7 +266,8 @@ class CorpusIndex:
                 "different models give meaningless rewards. Use the retriever the index was built with, or "
                 f"rebuild it: grape-rewards index build --retriever {expected_spec or '<spec>'} ...")
         files = manifest.get("checksums", {})
-        for name in (EMBEDDINGS, IDS):
+        has_contents = CONTENTS in files
+        for name in (EMBEDDINGS, IDS, *(CONTENT_FILES if has_contents else ())):
             file = folder / name
             if not file.is_file():
                 raise CorpusIndexError(f"index {folder} is incomplete: {name} is missing")
@@ -259,7 +282,11 @@ class CorpusIndex:
         largest = check_unit_rows(embeddings, ids, f"index {folder}")
         dev = torch.device(device)
         embeddings = embeddings.to(device=dev, dtype=dtype or default_compute_dtype(dev))
-        index = cls(embeddings, ids, manifest, folder)
+        try:
+            contents = ContentStore.open(folder, len(ids)) if has_contents else None
+        except ContentsError as exc:
+            raise CorpusIndexError(f"index {folder}: {exc}") from None
+        index = cls(embeddings, ids, manifest, folder, contents)
         index._max_row_norm = largest
         return index
 

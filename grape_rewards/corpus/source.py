@@ -1,16 +1,19 @@
-"""Where corpus items come from: an image folder, or a JSONL/CSV manifest of (id, image path) or (id, text)."""
+"""Where corpus items come from: an image folder, or a JSONL/CSV manifest of (id, image path) or (id, text), a
+text optionally with a title."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..jsonl import jsonl_objects
+from .contents import item_contents
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -28,11 +31,17 @@ class CorpusSource:
     modality: Literal["image", "text"]
     origin: str = ""
     """Where the items came from (for the manifest)."""
+    titles: list[str | None] | None = None
+    """Text corpora: each item's title (None: it has none), or None when no item has one. A title is not embedded:
+    it heads the item's contents, Search-R1's passage (:func:`~grape_rewards.corpus.contents.item_contents`)."""
     _digest: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.items):
             raise CorpusSourceError(f"{self.origin}: {len(self.ids)} ids for {len(self.items)} items")
+        if self.titles is not None and (len(self.titles) != len(self.ids) or self.modality != "text"):
+            raise CorpusSourceError(f"{self.origin}: titles are for text corpora, one per item (got "
+                                    f"{len(self.titles)} for {len(self.ids)} {self.modality} items)")
         if not self.ids:
             raise CorpusSourceError(f"{self.origin or 'corpus source'}: no items")
 
@@ -41,13 +50,24 @@ class CorpusSource:
 
     @property
     def digest(self) -> str:
-        """SHA-256 of the ids and items, in order: what a resumed build checks it is resuming."""
+        """SHA-256 of the ids and items (and titles, when there are any), in order: what a resumed build checks it
+        is resuming."""
         if self._digest is None:
             h = hashlib.sha256(self.modality.encode())
             for i, item in zip(self.ids, self.items):
                 h.update(json.dumps([i, item], ensure_ascii=False).encode())
+            if self.titles is not None:
+                h.update(json.dumps(self.titles, ensure_ascii=False).encode())
             self._digest = h.hexdigest()
         return self._digest
+
+    def contents(self) -> Iterator[str] | None:
+        """Each item's contents in order (its text, headed by its title when it has one) for a text corpus; None
+        for images."""
+        if self.modality != "text":
+            return None
+        titles = self.titles or itertools.repeat(None)
+        return (item_contents(text, title) for text, title in zip(self.items, titles))
 
     @classmethod
     def from_records(cls, records: Iterable[tuple[str, str]], modality: Literal["image", "text"],
@@ -93,31 +113,38 @@ def read_image_folder(folder: str | Path) -> CorpusSource:
     return CorpusSource(ids, items, "image", str(root))
 
 
-def _record_fields(record: dict, where: str) -> tuple[str, str, Literal["image", "text"]]:
+def _record_fields(record: dict, where: str) -> tuple[str, str, Literal["image", "text"], str | None]:
+    """(id, image path or text, modality, title or None) of a manifest record."""
     if "id" not in record:
         raise CorpusSourceError(f"{where}: missing field 'id'")
     has_image, has_text = record.get("image") not in (None, ""), record.get("text") not in (None, "")
     if has_image == has_text:
         raise CorpusSourceError(f"{where}: expected exactly one of the fields 'image' (a path) or 'text'")
+    title = record.get("title")
+    title = None if title in (None, "") else str(title)
     if has_image:
-        return str(record["id"]), str(record["image"]), "image"
-    return str(record["id"]), str(record["text"]), "text"
+        if title is not None:
+            raise CorpusSourceError(f"{where}: 'title' is read for text items only; drop it from image items")
+        return str(record["id"]), str(record["image"]), "image", None
+    return str(record["id"]), str(record["text"]), "text", title
 
 
 def read_source_manifest(path: str | Path) -> CorpusSource:
     """A JSONL (``{"id": ..., "image": path}`` or ``{"id": ..., "text": ...}`` per line) or CSV (header
-    ``id,image`` or ``id,text``) manifest. Relative image paths are read from the manifest's folder."""
+    ``id,image`` or ``id,text``) manifest. Relative image paths are read from the manifest's folder. A text item
+    may carry a ``title`` (a field, or a CSV column): it is not embedded, it heads the item's contents."""
     path = Path(path)
     if not path.is_file():
         raise CorpusSourceError(f"source manifest {path}: no such file; pass a JSONL or CSV manifest "
                                 "(one item per line or row: an id and an image path or a text)")
     ids: list[str] = []
     items: list[str] = []
+    titles: list[str | None] = []
     seen: dict[str, int] = {}
     modality: str | None = None
     for line_no, record in _manifest_records(path):
         where = f"{path}:{line_no}"
-        item_id, payload, kind = _record_fields(record, where)
+        item_id, payload, kind, title = _record_fields(record, where)
         if modality is None:
             modality = kind
         elif kind != modality:
@@ -128,9 +155,11 @@ def read_source_manifest(path: str | Path) -> CorpusSource:
         seen[item_id] = line_no
         ids.append(item_id)
         items.append(payload)
+        titles.append(title)
     if modality is None:
         raise CorpusSourceError(f"manifest {path} holds no items")
-    return CorpusSource(ids, items, modality, str(path))  # type: ignore[arg-type]
+    has_titles = any(t is not None for t in titles)
+    return CorpusSource(ids, items, modality, str(path), titles if has_titles else None)  # type: ignore[arg-type]
 
 
 def _manifest_records(path: Path) -> Iterable[tuple[int, dict]]:

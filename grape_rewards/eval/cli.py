@@ -62,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rewrite_sets = [RewriteSet.from_file(path, name) for name, path in _named_paths(args.rewrites)]
     extra = [from_scored_jsonl(path, name) for name, path in _named_paths(args.scored)]
     benchmark = benchmark_from_args(args)
-    index_dirs: list[Path | None] = list(args.index or [None])  # None: build the index (--save-index or a temp dir)
+    index_dirs: list[str | None] = list(args.index or [None])  # None: build the index (--save-index or a temp dir)
     if args.index:
         check_ensemble_request(args.index, args.retriever)  # several: each index's own retriever
         if len(args.index) > 1:
@@ -121,7 +121,7 @@ def cmd_series_report(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add ``eval``, ``inflation-report`` and ``series-report`` to the sub-commands."""
-    from ..cli_args import add_retriever_args
+    from ..cli_args import IndexListAction, add_retriever_args
     from ..rewrite.cli import add_benchmark_args
 
     p = subparsers.add_parser("eval", help="Recall@K of original queries and rewrite files; inflation report; "
@@ -138,10 +138,10 @@ def register(subparsers: Any) -> None:
                    help="a scored JSONL (grape-rewards score) added to the inflation report only, e.g. rewrites "
                         "scored under another reward; repeatable")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--index", type=Path, action="append",
-                   help="a prebuilt index of the benchmark's corpus (fingerprint checked); repeat it for an ensemble "
-                        "of the indexes' own retrievers over the same ids (no --retriever): Recall@K per retriever "
-                        "and combined (--ensemble)")
+    g.add_argument("--index", action=IndexListAction,
+                   help="a prebuilt index of the benchmark's corpus (fingerprint checked); several (comma-separated or "
+                        "--index repeated) for an ensemble of the indexes' own retrievers over the same ids (no "
+                        "--retriever): Recall@K per retriever and combined (--ensemble)")
     g.add_argument("--save-index", type=Path,
                    help="build the corpus index here (or reuse the one already built here from the same corpus)")
     p.add_argument("--ensemble", choices=["mean", "min"],

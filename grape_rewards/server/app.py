@@ -6,7 +6,7 @@ fingerprint, and only then reports ready.
 
 Endpoints: ``POST /get_reward`` (OpenRLHF), ``POST /v1/rewards`` (native), ``POST /retrieve`` (Search-R1 top-k),
 ``GET /health`` (alive), ``GET /ready`` (accepting work), ``GET /info``, ``GET /metrics`` (Prometheus), and the
-contract: ``GET /openapi.json`` and ``GET /docs`` (:mod:`.schema`).
+contract: ``GET /openapi.json`` (:mod:`.schema`; no /docs page, whose scripts would come from a CDN).
 Errors are JSON ``{"detail": message}`` with a 4xx status that names the problem; 503s carry Retry-After; a 500
 says only that the error was logged (with an id to find it), never the exception's text.
 """
@@ -28,7 +28,8 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from .. import __version__
+from .._version import __version__
+from ..corpus.index import CorpusIndex
 from ..ensemble import EnsembleScorer, scorer_from_indexes
 from ..framework_io import native_answer, openrlhf_answer
 from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
@@ -46,19 +47,23 @@ from .protocol import (
 )
 from .rejections import RejectionLog
 from .schema import (
+    Health,
+    Info,
     OpenRLHFRequest,
     OpenRLHFResponse,
+    Readiness,
     RetrieveRequest,
     RetrieveResponse,
     RewardsRequest,
     RewardsResponse,
     build_openapi,
     error_responses,
+    metrics_response,
     request_body,
 )
 
 logger = logging.getLogger("grape_rewards.server")
-OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
 """Answered without the token (liveness and readiness probes, and the API contract)."""
 
 T = TypeVar("T")
@@ -185,7 +190,13 @@ class ServiceState:
         found = await self._admitted(self.batcher.submit_retrieve(  # type: ignore[union-attr]
             [SearchQuery(q, refs[i] if refs is not None else None) for i, q in enumerate(queries)], topk,
             config.search_backend))
-        return dumps(retrieve_response([f[0] for f in found], [f[1] for f in found], return_scores))
+        ids = [f[1] for f in found]
+        index = scorer.index
+        if isinstance(index, CorpusIndex) and index.content_store is not None:  # read off the event loop
+            contents, kind = await asyncio.to_thread(lambda: [index.contents(row) for row in ids]), "text"
+        else:  # no texts kept (image corpora, older indexes; a sharded index keeps none): the ids stand in
+            contents, kind = ids, "id"
+        return dumps(retrieve_response([f[0] for f in found], ids, contents, kind, return_scores))
 
     async def score(self, items: list[RewardItem], rows: ItemRows) -> list[dict[str, float]]:
         assert self.batcher is not None
@@ -456,10 +467,12 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
         finally:
             await state.shutdown()
 
-    app = RewardApp(title="grape-rewards", version=__version__, lifespan=lifespan, redoc_url=None,
+    # No /docs page: FastAPI's loads its scripts from a CDN, a blank page on an air-gapped cluster; /openapi.json is
+    # the contract (any OpenAPI viewer or client generator reads it).
+    app = RewardApp(title="grape-rewards", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                     description="Corpus-relative rank rewards for GRPO training of query-rewriting LLMs.")
     app.state.service = state
-    app.openapi = functools.partial(build_openapi, app)  # type: ignore[method-assign]
+    app.openapi = functools.partial(build_openapi, app, OPEN_PATHS)  # type: ignore[method-assign]
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, exc: HTTPProblem) -> Response:
@@ -499,12 +512,12 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
         """Top-k search in the Search-R1 shape, batched and admitted like scoring."""
         return Response(await state.retrieve(await request.body()), media_type="application/json")
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}})
     async def health() -> Response:
         """Alive (the process answers), whether or not it is ready."""
         return json_response({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", responses={200: {"model": Readiness}, 503: {"model": Readiness}})
     async def ready() -> Response:
         """200 once the index is loaded and work is accepted; 503 while starting or draining."""
         if state.ready:
@@ -512,7 +525,7 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
         return json_response({"ready": False, "reason": state.not_ready_reason}, 503,
                              {"Retry-After": str(config.retry_after_s)})
 
-    @app.get("/info")
+    @app.get("/info", responses={200: {"model": Info}, **error_responses(401, 503)})
     async def info() -> Response:
         """Retriever (with fingerprint), corpus, reward config, alarms (active ones first), batching settings,
         version."""
@@ -532,7 +545,7 @@ def create_app(scorer: RewardScorer | None, config: ServeConfig | None = None) -
             "uptime_s": time.time() - state.started_at,
         })
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={**metrics_response(), **error_responses(401)})
     async def metrics() -> Response:
         """Prometheus exposition of the service's own registry."""
         return Response(content=state.metrics.render(), media_type=CONTENT_TYPE)

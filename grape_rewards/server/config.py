@@ -28,6 +28,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..index_list import parse_index_list
+
 ENV_PREFIX = "GRAPE_"
 
 
@@ -46,8 +48,8 @@ class ServeConfig(BaseModel):
 
     # -- what to serve ------------------------------------------------------------------------------
     index: str | list[str] = Field(min_length=1)
-    """The index folder (``grape-rewards index build --out``); several (a YAML list, ``--index A --index B`` or
-    comma-separated) make an ensemble of their retrievers over the same ids (``reward_config.ensemble``)."""
+    """The index folder (``grape-rewards index build --out``); several (comma-separated, a YAML list, or
+    ``--index`` repeated) make an ensemble of their retrievers over the same ids (``reward_config.ensemble``)."""
     retriever: str | None = None
     """Retriever spec; default: the spec recorded in the index manifest. Its fingerprint must match the index."""
     reward_config: Any = None
@@ -117,14 +119,8 @@ class ServeConfig(BaseModel):
     @field_validator("index", mode="before")
     @classmethod
     def _index_paths(cls, value: Any) -> Any:
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, str) and "," in value:
-            value = [part for part in value.split(",")]
-        if isinstance(value, (list, tuple)):
-            paths = [str(v).strip() for v in value]
-            if not paths or not all(paths):
-                raise ValueError(f"expected one or more index folders, got {value!r}")
+        if isinstance(value, (str, Path, list, tuple)):
+            paths = parse_index_list(value, "index")
             return paths[0] if len(paths) == 1 else paths
         return value
 

@@ -3,7 +3,7 @@
 Names (all prefixed ``grape_``):
 
 - ``requests_total{endpoint,status}``, ``request_seconds{endpoint}``, ``requests_in_progress``
-- ``rejected_total{reason}``: queue_full, not_ready, bad_request, unauthorized, too_large
+- ``rejected_total{reason}``: queue_full, not_ready, bad_request, unauthorized, too_large (each 0 from the start)
 - ``batch_items`` / ``batch_requests``: samples and requests per device batch (> 1 means coalescing works)
 - ``queue_wait_seconds``: enqueue to batch start; ``encode_seconds`` / ``score_seconds`` / ``batch_seconds``:
   the device work of each batch (extract + encode, rank + compose, whole batch)
@@ -14,13 +14,15 @@ Names (all prefixed ``grape_``):
   and ``inflation_gap`` histograms (their ``_sum / _count`` over a window is the step mean),
   ``recall_hits_total{k}``, ``format_failures_total``, ``truncated_total``, and ``batch_stat{stat}``: the
   inflation summary of the latest batch
-- ``alarm{name}``: 1 while a reward-hacking alarm is on (:mod:`grape_rewards.alarms`), ``alarm_stat{stat}``: the
-  window statistics the alarms read (absent until their windows are full)
+- ``alarm{name}``: 1 while a reward-hacking alarm is on (:mod:`grape_rewards.alarms`; 0 while off or disabled),
+  ``alarm_stat{stat}``: the window statistics the alarms read (NaN until their windows are full, or with the
+  alarms disabled). Every name and stat is exposed from the start, so a dashboard panel has its series at once.
 - ``ready``: 1 when the index is loaded and the service accepts work
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -31,10 +33,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ..alarms import ALARMS, STATS
+
 if TYPE_CHECKING:
     from ..scorer import RewardScorer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REJECT_REASONS = ("queue_full", "not_ready", "bad_request", "unauthorized", "too_large")
+"""The reasons of ``grape_rejected_total``."""
 ENDPOINTS = ("/get_reward", "/v1/rewards", "/retrieve", "/health", "/ready", "/info", "/metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -72,14 +78,15 @@ class _AlarmCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         alarm = GaugeMetricFamily("grape_alarm", "1 while a reward-hacking alarm is on", labels=["name"])
-        stat = GaugeMetricFamily("grape_alarm_stat", "Window statistics read by the alarms", labels=["stat"])
+        stat = GaugeMetricFamily("grape_alarm_stat", "Window statistics read by the alarms (NaN until a window is "
+                                 "full)", labels=["stat"])
         monitor = self.scorer.alarms if self.scorer is not None else None
-        if monitor is not None:
-            for name, on in list(monitor.active.items()):
-                alarm.add_metric([name], 1.0 if on else 0.0)
-            for key, value in list(monitor.stats.items()):
-                if value == value:  # NaN until the windows are full: left out
-                    stat.add_metric([key], value)
+        active = dict(monitor.active) if monitor is not None else {}
+        stats = dict(monitor.stats) if monitor is not None else {}
+        for name in ALARMS:
+            alarm.add_metric([name], 1.0 if active.get(name) else 0.0)
+        for key in STATS:
+            stat.add_metric([key], stats.get(key, math.nan))
         yield from (alarm, stat)
 
 
@@ -128,6 +135,8 @@ class ServiceMetrics:
         self.in_progress = Gauge("grape_requests_in_progress", "HTTP requests being handled", registry=r)
         self.in_progress.set_function(lambda: self.requests_in_progress)
         self.rejected = Counter("grape_rejected", "Requests refused before scoring", ["reason"], registry=r)
+        for reason in REJECT_REASONS:  # every series from the start (a dashboard's rate() needs it before the first)
+            self.rejected.labels(reason=reason)
         self.batch_items = Histogram("grape_batch_items", "Samples per device batch", buckets=SIZE_BUCKETS,
                                      registry=r)
         self.batch_requests = Histogram("grape_batch_requests", "Requests coalesced into one device batch",

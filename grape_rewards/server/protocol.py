@@ -19,7 +19,12 @@ Native (``POST /v1/rewards``)::
 Search-R1 style (``POST /retrieve``)::
 
     {"queries": [str], "topk": int, "return_scores": bool}
-    -> {"result": [[{"document": {"id": str}, "score": float}, ...], ...]}   (documents alone without scores)
+    -> {"result": [[{"document": {"id": str, "contents": str}, "score": float}, ...], ...],
+        "contents_kind": "text" | "id"}                 (without scores: the documents alone, as Search-R1's server)
+
+``contents`` is the item's text (a titled item's title in double quotes on its first line: Search-R1's passage
+format, which its agent splits into title and text), or the item's id where the index keeps no texts (image
+corpora, indexes built before texts were kept, sharded indexes); ``contents_kind`` says which.
 
 Pure functions, no I/O, no scoring rules: items are read and checked by the scorer layer
 (:func:`~grape_rewards.scorer.read_item`, :meth:`~grape_rewards.scorer.RewardScorer.validate`) and answers shaped by
@@ -177,6 +182,8 @@ def parse_retrieve(data: Any, max_items: int, max_topk: int,
 
     >>> parse_retrieve({"queries": ["a dog"], "topk": 2, "return_scores": True}, 10, 100)
     (['a dog'], 2, True, None)
+    >>> parse_retrieve({"queries": ["a dog"], "topk": 2.0}, 10, 100)[1]
+    2
     """
     data = _object(data, "fields 'queries', 'topk' and 'return_scores'")
     unknown = sorted(set(data) - {"queries", "topk", "return_scores", "reference_ids"})
@@ -193,6 +200,8 @@ def parse_retrieve(data: Any, max_items: int, max_topk: int,
     except ItemError as exc:
         raise RequestError(422, str(exc)) from None
     topk = data.get("topk", 3)
+    if isinstance(topk, float) and topk.is_integer():  # 3.0 is an integer in JSON (and its schema)
+        topk = int(topk)
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise RequestError(422, f"'topk' must be a positive integer, got {topk!r}")
     if topk > max_topk:
@@ -211,11 +220,19 @@ def parse_retrieve(data: Any, max_items: int, max_topk: int,
 
 
 def retrieve_response(scores: Sequence[Sequence[float]], ids: Sequence[Sequence[str]],
-                      return_scores: bool) -> dict[str, Any]:
+                      contents: Sequence[Sequence[str]], contents_kind: str, return_scores: bool) -> dict[str, Any]:
+    """The ``/retrieve`` answer of each query's found ids, their scores and contents.
+
+    >>> retrieve_response([[0.5]], [["c1"]], [["a dog"]], "text", True)
+    {'result': [[{'document': {'id': 'c1', 'contents': 'a dog'}, 'score': 0.5}]], 'contents_kind': 'text'}
+    >>> retrieve_response([[0.5]], [["c1"]], [["a dog"]], "text", False)["result"]
+    [[{'id': 'c1', 'contents': 'a dog'}]]
+    """
     result: list[list[Any]] = []
-    for row_scores, row_ids in zip(scores, ids):
+    for row_scores, row_ids, row_contents in zip(scores, ids, contents):
+        documents = [{"id": i, "contents": c} for i, c in zip(row_ids, row_contents)]
         if return_scores:
-            result.append([{"document": {"id": i}, "score": finite(float(s))} for i, s in zip(row_ids, row_scores)])
+            result.append([{"document": d, "score": finite(float(s))} for d, s in zip(documents, row_scores)])
         else:
-            result.append([{"id": i} for i in row_ids])
-    return {"result": result}
+            result.append(documents)
+    return {"result": result, "contents_kind": contents_kind}
