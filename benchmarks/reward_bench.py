@@ -337,6 +337,19 @@ def validate(plan: Plan, seeds: Sequence[SeedData], indexes: dict[int, dict[str,
     return out
 
 
+def cached_validation(plan: Plan, seeds: Sequence[SeedData], indexes: dict[int, dict[str, Path]]) -> dict[str, Any]:
+    """:func:`validate`, computed once per task and judge set (it only depends on them) and kept in the cache."""
+    key = json.dumps({"seeds": plan.seeds, "clusters": plan.clusters, "heldout": plan.heldout_clusters,
+                      "dev": plan.dev_clusters, "limit": plan.heldout_limit, "mpnet": plan.mpnet,
+                      "resamples": plan.resamples}, sort_keys=True)
+    path = CACHE / f"validation-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    validation = validate(plan, seeds, indexes)
+    atomic_write_json(path, validation)
+    return validation
+
+
 def validation_markdown(v: dict[str, Any]) -> list[str]:
     lines = [f"Held-out Recall@1 (%) of the references, {v['queries']} queries (95% bootstrap interval over queries; "
              "per query kind after it). `truth` is the task's ground truth, `minilm` the reward's own retriever.", "",
@@ -549,7 +562,7 @@ def stage_run(plan: Plan, stage: str) -> dict[str, Any]:
     indexes = {d.seed: build_indexes(d, plan) for d in seeds}
     minutes["indexes"] = (time.perf_counter() - t) / 60
     t = time.perf_counter()
-    validation = validate(plan, seeds, indexes)
+    validation = cached_validation(plan, seeds, indexes)
     minutes["validation"] = (time.perf_counter() - t) / 60
     say("task validated: " + ", ".join(f"{ref} {pct(stat['R@1'])}" for ref, stat in
                                        validation["judges"]["truth"].items()) + " (truth R@1)")
