@@ -17,6 +17,7 @@ from grape_rewards.demo import data_path
 from grape_rewards.retrievers import TextEmbedder
 from grape_rewards.rewards import RewardConfig
 from grape_rewards.rewards.config import AlarmConfig
+from grape_rewards.rewards.inflation import summary_names
 from grape_rewards.scorer import RewardScorer
 from grape_rewards.server import ServeConfig, create_app
 from grape_rewards.server.testing import ServerThread
@@ -106,7 +107,24 @@ def test_the_labelled_series_the_dashboard_queries_are_on_metrics_from_the_start
     assert {f'grape_rejected_total{{reason="{r}"}}': "0.0" for r in reasons}.items() <= series.items()
     assert {f'grape_alarm_stat{{stat="{s}"}}': "NaN" for s in STATS}.items() <= series.items()
     assert {f'grape_alarm{{name="{a}"}}': "0.0" for a in ALARMS}.items() <= series.items()
-    for query in dashboard_queries():
-        for name, _ in METRIC.findall(query):
-            if name in ("grape_rejected_total", "grape_alarm_stat", "grape_alarm"):
-                assert any(key.startswith(name + "{") for key in series), name
+    assert {f'grape_batch_stat{{stat="{s}"}}': "NaN" for s in summary_names()}.items() <= series.items()
+    assert 'grape_batch_stat{stat="mean_graded_rank"}' not in series  # the plain rank has no graded rank
+    for query in dashboard_queries():  # every queried series, with its exact label values, before any request
+        for name, selector in METRIC.findall(query):
+            keys = [key for key in series if key == name or key.startswith(name + "{")
+                    or key.startswith(name + "_bucket{") or key.startswith(name + "_count")]
+            assert keys, name
+            for label, value in re.findall(r'(\w+)="([^"]*)"', selector):
+                assert any(f'{label}="{value}"' in key for key in keys), (name, label, value)
+
+
+def test_a_graded_reward_reports_its_mean_graded_rank_from_the_start(minilm: TextEmbedder, index_dir: Path) -> None:
+    scorer = RewardScorer(minilm, CorpusIndex.load(index_dir), RewardConfig(rank_mode="margin"))
+    with ServerThread(create_app(scorer, ServeConfig(index=str(index_dir)))) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:
+        assert 'grape_batch_stat{stat="mean_graded_rank"} NaN' in http.get("/metrics").text
+        assert http.post("/v1/rewards", json={"items": [{"rewrite": "a dog catches a frisbee",
+                                                         "target_ids": ["cap000"]}]}).status_code == 200
+        line = next(x for x in http.get("/metrics").text.splitlines()
+                    if x.startswith('grape_batch_stat{stat="mean_graded_rank"}'))
+    assert 1.0 <= float(line.split()[-1]) <= 2.0  # rank 1 with a margin: a graded rank in (1, 2]

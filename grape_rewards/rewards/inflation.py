@@ -10,6 +10,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+SUMMARY_KEYS: tuple[str, ...] = ("target_sim", "mean_sim", "best_nontarget_sim", "margin", "rank", "graded_rank",
+                                  "recall_at_1", "recall_at_5", "recall_at_10", "reward")
+"""The per-sample statistics :func:`inflation_summary` averages (``graded_rank`` only in the graded rank modes)."""
+
+
+def summary_names(graded: bool = False) -> tuple[str, ...]:
+    """The names :func:`inflation_summary` gives its figures (with ``mean_graded_rank`` when ``graded``).
+
+    >>> summary_names()[:2], summary_names()[-1], "mean_graded_rank" in summary_names(graded=True)
+    (('mean_target_sim', 'mean_mean_sim'), 'inflation_gap', True)
+    """
+    return (*(f"mean_{k}" for k in SUMMARY_KEYS if graded or k != "graded_rank"), "inflation_gap")
+
 
 def inflation_summary(samples: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Batch means of the statistics that expose score inflation.
@@ -25,10 +38,8 @@ def inflation_summary(samples: Sequence[Mapping[str, float]]) -> dict[str, float
     """
     if not samples:
         return {}
-    keys = ("target_sim", "mean_sim", "best_nontarget_sim", "margin", "rank", "graded_rank", "recall_at_1",
-            "recall_at_5", "recall_at_10", "reward")
     out: dict[str, float] = {}
-    for key in keys:
+    for key in SUMMARY_KEYS:
         values = [float(s[key]) for s in samples if key in s]
         if values:
             out[f"mean_{key}"] = math.fsum(values) / len(values)

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..alarms import ALARMS, STATS
+from ..rewards.inflation import summary_names
 
 if TYPE_CHECKING:
     from ..scorer import RewardScorer
@@ -181,10 +182,14 @@ class ServiceMetrics:
         self._latency_children = {e: self.request_seconds.labels(endpoint=e) for e in (*ENDPOINTS, "other")}
 
     def attach(self, scorer: RewardScorer, info: dict[str, str]) -> None:
-        """Start reporting ``scorer``'s caches and describe what is served."""
+        """Start reporting ``scorer``'s caches and describe what is served. Every ``batch_stat`` series the
+        scorer's batches will report exists from now on, NaN until the first batch (a dashboard panel has a
+        series to draw from the start)."""
         self._caches.scorer = scorer
         self._alarms.scorer = scorer
         self.info.info(info)
+        for stat in summary_names(graded=scorer.config.rank_mode != "hard"):
+            self.batch_stat.labels(stat=stat).set(float("nan"))
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         key = (endpoint, status)
