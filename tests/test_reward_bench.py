@@ -248,3 +248,17 @@ def test_cli_reward_bench_bad_input_is_one_line(caption_index: Path, tmp_path: P
     err = capsys.readouterr().err
     assert problem in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_bm25_reads_the_texts_the_index_keeps(caption_index: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    queries, candidates = bench_inputs()
+    qfile = write_jsonl(tmp_path / "q.jsonl", [{"query_id": q.query_id, "query": q.query,
+                                                "target_ids": list(q.target_ids), "group": q.group} for q in queries])
+    cfile = write_jsonl(tmp_path / "c.jsonl", [{"query_id": c.query_id, "rewrite": c.rewrite} for c in candidates])
+    assert main(["reward-bench", "--index", str(caption_index), "--queries", str(qfile), "--candidates", str(cfile),
+                 "--judge", "bm25", "--reward", "log", "--out", str(tmp_path / "out"), "--quiet", "--no-plot",
+                 "--resamples", "100"]) == 0
+    summary = json.loads((tmp_path / "out" / "reward-bench.json").read_text())
+    assert set(summary["pools"]["all"]["judges"]["bm25"]["rewards"]) == {"similarity", "log"}  # the baseline joins
+    assert summary["inputs"]["candidates"] == len(candidates)

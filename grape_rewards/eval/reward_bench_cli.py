@@ -49,15 +49,18 @@ def parse_judge(text: str) -> tuple[str, str]:
 
 
 def corpus_texts(index_dir: Path, corpus: Path | None) -> dict[str, str]:
-    """The corpus texts BM25 reads: ``--corpus`` (a JSONL/CSV of id + text), else the source the index was built
-    from, when it is a text file that still exists."""
-    from ..corpus import read_manifest, read_source
+    """The corpus texts BM25 reads: ``--corpus`` (a JSONL/CSV of id + text), else the texts the index keeps (text
+    indexes built by this version), else the source file the index was built from, when it still exists."""
+    from ..corpus import CorpusIndex, read_manifest, read_source
 
     if corpus is None:
+        index = CorpusIndex.load(index_dir)
+        if index.contents_kind == "text":
+            return dict(zip(index.ids, index.contents(index.ids)))
         origin = str(read_manifest(index_dir).get("source", {}).get("origin", ""))
         if not origin or not Path(origin).is_file():
-            raise ValueError(f"the BM25 judge needs the corpus texts, and {index_dir} does not say where its source "
-                             "file is: pass --corpus FILE (the JSONL of id and text the index was built from)")
+            raise ValueError(f"the BM25 judge needs the corpus texts, and {index_dir} keeps none: pass --corpus FILE "
+                             "(the JSONL of id and text the index was built from)")
         corpus = Path(origin)
     source = read_source(corpus)
     if source.modality != "text":
@@ -212,8 +215,8 @@ def register(subparsers: Any) -> None:
     rw.add_argument("--judge", action="append", default=[], metavar="[NAME=]JUDGE",
                     help="bm25 (BM25 over the corpus texts), an index folder over the same ids (its own retriever), "
                          "or labels:FILE (ground truth: query_id, rewrite, correct); repeatable")
-    rw.add_argument("--corpus", type=Path, help="the corpus texts for BM25 (the JSONL the index was built from; "
-                                                "default: the index's recorded source file)")
+    rw.add_argument("--corpus", type=Path, help="the corpus texts for BM25 (default: the texts the index keeps, "
+                                                "or the file it was built from)")
     rw.add_argument("--pool", action="append", default=[], metavar="NAME=KIND[,KIND]",
                     help="also report picks among candidates of these kinds only, e.g. sampled=sampled; repeatable")
     st = p.add_argument_group("statistics")
