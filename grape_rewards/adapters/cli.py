@@ -25,12 +25,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def adapter_files_folder() -> Path:
     """The folder of the path-loadable reward files: the installed ``grape_rewards.adapters.files`` (an editable
     install maps it to the checkout's ``adapters/``), else the ``adapters/`` beside an uninstalled checkout."""
-    import importlib.util
+    from .checks import installed_spec
 
-    try:
-        spec = importlib.util.find_spec("grape_rewards.adapters.files")
-    except ImportError:
-        spec = None
+    spec = installed_spec("grape_rewards.adapters.files")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations))).resolve()
     return Path(__file__).resolve().parents[2] / "adapters"
