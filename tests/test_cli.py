@@ -128,3 +128,17 @@ def test_openrlhf_flags_say_what_a_remote_service_needs(capsys: pytest.CaptureFi
     text = capsys.readouterr().out
     assert "--reward.remote_url http://gpu-host:8000/get_reward" in text
     assert "sends no bearer token" in text and "--insecure" in text and "GRAPE_TOKEN" in text
+
+
+@pytest.mark.slow
+def test_index_build_quiet_prints_no_progress_bar(tmp_path: Path) -> None:
+    """--quiet silences every bar, transformers' "Loading weights" included: stderr stays empty (the packaged
+    MiniLM, a checkpoint that holds every weight: a model that lacks some still gets transformers' load report)."""
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"id": f"t{i}", "text": f"caption {i}"}) + "\n" for i in range(5)))
+    out = subprocess.run([sys.executable, "-m", "grape_rewards.cli", "index", "build", "--retriever",
+                          "text:all-MiniLM-L6-v2", "--source", str(source), "--out", str(tmp_path / "index"),
+                          "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stderr == "", out.stderr[-2000:]
+    assert out.stdout.startswith(f"built {tmp_path / 'index'}: 5 items")
