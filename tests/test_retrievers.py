@@ -516,7 +516,7 @@ def offline(monkeypatch):
     ("open_clip:NoSuchArch/openai", RuntimeError, "known architectures: open_clip.list_models()"),
     ("hf:nobody-here/no-such-clip", RuntimeError, "pass a local folder"),
     ("text:nobody-here/no-such-encoder", RuntimeError, "pass a local folder"),
-    ("open_clip:hf-hub:nobody-here/no-such-clip", RuntimeError, "pass a local checkpoint"),
+    ("open_clip:hf-hub:nobody-here/no-such-clip", RuntimeError, "pass a local folder (open_clip:local-dir:"),
 ])
 def test_errors_say_what_to_pass(offline, spec, error, says):
     with pytest.raises(error) as raised:
