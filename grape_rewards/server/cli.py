@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import socket
 import types
 import typing
@@ -99,7 +100,7 @@ def log_next_steps(url: str, example_id: str, token: bool) -> None:
     auth = ' -H "Authorization: Bearer $GRAPE_TOKEN"' if token else ""
     body = json.dumps({"items": [{"rewrite": "a short description of the target", "target_ids": [example_id]}]})
     logger.info("listening on %s (Ctrl-C or SIGTERM stops it, after answering the requests already accepted)", url)
-    logger.info("try: curl -s%s %s/v1/rewards -H 'Content-Type: application/json' -d '%s'", auth, url, body)
+    logger.info("try: curl -s%s %s/v1/rewards -H 'Content-Type: application/json' -d %s", auth, url, shlex.quote(body))
     logger.info("next: the API at %s/docs; a trainer's flags: grape-rewards adapters flags openrlhf|verl|trl --url %s",
                 url, url)
 
