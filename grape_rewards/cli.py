@@ -1,17 +1,5 @@
-"""``grape-rewards``: one command with sub-commands.
-
-    grape-rewards demo                       the rank reward vs the similarity reward on the embedded corpus
-    grape-rewards index build ...            embed a corpus (resumable)
-    grape-rewards index info DIR             print an index's manifest
-    grape-rewards index shard DIR ...        split an index into shards (a corpus across GPUs)
-    grape-rewards score ...                  score a JSONL of rewrites offline
-    grape-rewards serve ...                  the remote reward service (OpenRLHF /get_reward, native, /retrieve)
-    grape-rewards prepare ...                training data for OpenRLHF, verl and TRL
-    grape-rewards adapters ...               where the framework adapters are installed
-    grape-rewards rewrite ...                generate rewrites of a benchmark's queries with an LLM
-    grape-rewards eval ...                   Recall@K of original vs rewritten queries, score-inflation report
-    grape-rewards inflation-report ...       the score-inflation report of scored JSONL files
-    grape-rewards series-report ...          reward, rank, similarities, alarms over a scored JSONL, as a PNG
+"""The ``grape-rewards`` command: :func:`build_parser` adds the sub-commands (each verb's module registers its own),
+:func:`main` dispatches and turns a bad input into one error line.
 """
 
 from __future__ import annotations
@@ -34,16 +22,26 @@ from .cli_args import (
     reward_config_from_args,
 )
 
-# Modules that add their own sub-commands: each has ``register(subparsers)`` and imports nothing heavy at
-# module level (the parser is built on every invocation).
+# Modules that add their own sub-commands, in the order --help lists them after demo, serve, index and score: each
+# has ``register(subparsers)`` and imports nothing heavy at module level (the parser is built on every invocation).
 SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "grape_rewards.serve_cli",
-    "grape_rewards.eval.cli",
-    "grape_rewards.eval.reward_bench_cli",
-    "grape_rewards.rewrite.cli",
     "grape_rewards.prepare.cli",
     "grape_rewards.adapters.cli",
+    "grape_rewards.rewrite.cli",
+    "grape_rewards.eval.cli",
+    "grape_rewards.eval.reward_bench_cli",
 )
+
+DESCRIPTION = """\
+Rewards for GRPO training of a query-rewriting LLM: a rewrite is paid by where a frozen retriever ranks its
+true target among a whole corpus.
+
+Start here:
+  grape-rewards demo           the rank reward beside the similarity reward on 100 packaged captions (offline)
+  grape-rewards serve --demo   the reward service on those captions, with a request to try
+"""
+
+EPILOG = "Each command has its own help: grape-rewards COMMAND --help."
 
 
 # -- demo ----------------------------------------------------------------------------------------------
@@ -108,43 +106,62 @@ def _write_json(path: str | Path, obj: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grape-rewards", description=__doc__,
+    parser = argparse.ArgumentParser(prog="grape-rewards", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"grape-rewards {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and a traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="rank reward vs similarity reward on the embedded corpus (offline)")
+    p = sub.add_parser("demo", help="the rank reward beside the similarity reward on the packaged captions (offline)",
+                       description="For three shifted queries (Chinese, long and rambling, vague), the original "
+                                   "query's rank and a GRPO group of candidate rewrites with the rank reward beside "
+                                   "the similarity reward, on 100 packaged captions and all-MiniLM-L6-v2 (offline). "
+                                   "--retriever, --index and --queries run it on your own retriever and corpus.")
     add_retriever_args(p, required=False)
-    p.add_argument("--index", action=IndexListAction, help="an index folder to use instead of the embedded captions")
+    p.add_argument("--index", action=IndexListAction, help="an index folder to use instead of the packaged captions")
     p.add_argument("--queries", type=Path, help="JSONL of demo queries (query_id, kind, query, target_ids, candidates)")
     p.add_argument("--json", type=Path, help="also write the table rows as JSON here")
     add_reward_args(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("index", help="build or inspect an embedded corpus")
-    isub = p.add_subparsers(dest="index_command", required=True)
-    b = isub.add_parser("build", help="embed a corpus: image folder, or JSONL/CSV manifest of id+image or id+text")
+    importlib.import_module("grape_rewards.serve_cli").register(sub)
+
+    p = sub.add_parser("index", help="embed a corpus (build), print an index's manifest (info), split it (shard)",
+                       description="Embed a corpus into an index folder, inspect one, or split one across GPUs.")
+    isub = p.add_subparsers(dest="index_command", required=True, title="commands", metavar="COMMAND")
+    b = isub.add_parser("build", help="embed a corpus: an image folder, or a JSONL/CSV of id+image or id+text rows",
+                        description="Embed a corpus into an index folder, in resumable shards: rerun the same command "
+                                    "after an interruption and it continues where it stopped.\n\n"
+                                    "  grape-rewards index build --retriever text:all-MiniLM-L6-v2 --source "
+                                    "captions.jsonl --out index/",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_retriever_args(b)
-    b.add_argument("--source", required=True, type=Path, help="image folder, or .jsonl/.csv manifest")
-    b.add_argument("--out", required=True, type=Path, help="index folder to write")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--shard-size", type=int, default=4096, help="items per resumable shard")
-    b.add_argument("--num-workers", type=int, default=4, help="image decoding threads")
+    b.add_argument("--source", required=True, type=Path,
+                   help="an image folder, or a .jsonl/.csv file of {id, image} or {id, text} rows")
+    b.add_argument("--out", required=True, type=Path, help="the index folder to write")
+    b.add_argument("--batch-size", type=int, default=64, help="items per encoding batch (default 64)")
+    b.add_argument("--shard-size", type=int, default=4096, help="items per resumable shard (default 4096)")
+    b.add_argument("--num-workers", type=int, default=4, help="image decoding threads (default 4)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index at --out")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_index_build)
-    i = isub.add_parser("info", help="print an index's manifest")
-    i.add_argument("dir", type=Path)
+    i = isub.add_parser("info", help="print an index's manifest (retriever, size, checksums)",
+                        description="Print an index's manifest as JSON: its retriever and fingerprint, size, "
+                                    "dimensions, checksums.")
+    i.add_argument("dir", type=Path, help="the index folder")
     i.set_defaults(func=cmd_index_info)
-    sh = isub.add_parser("shard", help="split an index into S shard indexes (for a corpus sharded across GPUs)")
+    sh = isub.add_parser("shard", help="split an index into S shard indexes (a corpus across GPUs)",
+                         description="Split an index into S shard indexes, for grape-rewards serve --ray --shards S.")
     sh.add_argument("dir", type=Path, help="the index to split")
-    sh.add_argument("--out", required=True, type=Path, help="folder to write shard-000-of-S/... into")
-    sh.add_argument("--num-shards", "-s", required=True, type=int)
-    sh.add_argument("--overwrite", action="store_true")
+    sh.add_argument("--out", required=True, type=Path, help="the folder to write shard-000-of-S/... into")
+    sh.add_argument("--num-shards", "-s", required=True, type=int, metavar="S", help="how many shards")
+    sh.add_argument("--overwrite", action="store_true", help="replace the shards already at --out")
     sh.set_defaults(func=cmd_index_shard)
 
-    p = sub.add_parser("score", help="score a JSONL of rewrites with the same code path as the server")
+    p = sub.add_parser("score", help="score a JSONL of rewrites offline (the same code as the service)",
+                       description="Score a JSONL of rewrites against an index, with the same code and the same "
+                                   "checks as the service: every row is checked before any is scored, and nothing "
+                                   "is written when one is refused.")
     p.add_argument("--index", required=True, action=IndexListAction,
                    help="the index folder; several (comma-separated or --index repeated) for an ensemble of their "
                         "retrievers over the same ids")
@@ -153,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL rows: completion or rewrite, target_ids, [excluded_ids, reference_id, query_id, "
                         "original_query]")
     p.add_argument("--output", required=True, type=Path, help="JSONL: each input row plus its reward and statistics")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--batch-size", type=int, default=256, help="rows scored together (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_reward_args(p)
     p.set_defaults(func=cmd_score)
 

@@ -5,6 +5,8 @@ Images: ``images`` (8 distinct PNG paths, alone in one folder).
 Retrievers: ``tiny_open_clip`` (OpenCLIPRetriever, 32-d), ``tiny_hf_clip`` (HFCLIPRetriever, 16-d),
 ``minilm`` (the real packaged all-MiniLM-L6-v2, 384-d). Index: ``demo_index_dir`` (the demo captions, MiniLM).
 The retrievers are shared by the whole session: do not mutate them (use ``monkeypatch`` on attributes).
+Ray's clusters keep their sessions in a folder of the run, removed at its end with anything still running from it,
+also after Ctrl-C (``ray_cleanup``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from ray_cleanup import pytest_configure, pytest_unconfigure  # noqa: F401  (hooks: Ray stops with the run)
 from tiny_models import draw_images, make_hf_clip_dir, make_open_clip_dir, make_text_encoder_dir
 
 from grape_rewards.retrievers import HFCLIPRetriever, OpenCLIPRetriever, TextEmbedder, create_retriever

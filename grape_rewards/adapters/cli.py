@@ -18,6 +18,15 @@ ADAPTER_FILES: dict[str, str] = {"openrlhf": "openrlhf/reward_func.py", "verl": 
 """Framework -> its path-loadable reward file, relative to the ``adapters/`` folder (installed as
 ``grape_rewards.adapters.files``)."""
 
+DESCRIPTION = """\
+Point OpenRLHF, verl or TRL at the reward, and check a launch command without GPUs.
+
+  grape-rewards adapters flags openrlhf|verl|trl     the flags (or code) that point the framework at the reward
+  grape-rewards adapters path openrlhf|verl          the installed reward file, for the frameworks' file modes
+  grape-rewards adapters check openrlhf -- ARGS...   check train_ppo_ray flags with the installed OpenRLHF
+  grape-rewards adapters check verl -- OVERRIDES...  check verl's config and load the reward the way verl will
+"""
+
 VERL_MODULE = "pkg://grape_rewards.adapters.verl"
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -25,12 +34,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 def adapter_files_folder() -> Path:
     """The folder of the path-loadable reward files: the installed ``grape_rewards.adapters.files`` (an editable
     install maps it to the checkout's ``adapters/``), else the ``adapters/`` beside an uninstalled checkout."""
-    import importlib.util
+    from .checks import installed_spec
 
-    try:
-        spec = importlib.util.find_spec("grape_rewards.adapters.files")
-    except ImportError:
-        spec = None
+    spec = installed_spec("grape_rewards.adapters.files")
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations))).resolve()
     return Path(__file__).resolve().parents[2] / "adapters"
@@ -54,6 +60,10 @@ def flags_text(framework: str, url: str = DEFAULT_URL) -> str:
             f"--reward.remote_url {base}/get_reward --data.input_key prompt --data.label_key label "
             "--data.apply_chat_template",
             "# VLM data (CIRR with reference images): add --data.image_key images --data.max_images_per_prompt 1",
+            "# OpenRLHF's HTTP client sends no bearer token: a service on another host (which needs one) answers it"
+            " 401.",
+            "# There, start the service with --insecure (a trusted network only), or use the .py mode below, which"
+            " sends GRAPE_TOKEN.",
             "# .py mode (the reward function in every vLLM engine; GRAPE_REWARD_URL or GRAPE_INDEX in their env):",
             f"--reward.remote_url {adapter_file('openrlhf')} --data.label_key label",
         ])
@@ -120,22 +130,31 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``adapters`` sub-command to the ``grape-rewards`` parser."""
-    p = sub.add_parser("adapters", help="framework adapters: installed paths, flags, launch checks",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    asub = p.add_subparsers(dest="adapters_command", required=True)
+    p = sub.add_parser("adapters", help="point OpenRLHF, verl or TRL at the reward; check a launch without GPUs",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    asub = p.add_subparsers(dest="adapters_command", required=True, title="commands", metavar="COMMAND")
 
-    a = asub.add_parser("path", help="print the installed path-loadable reward file of a framework")
-    a.add_argument("framework", choices=sorted(ADAPTER_FILES))
+    a = asub.add_parser("path", help="print the installed reward file of a framework (its file mode)",
+                        description="Print the path of the reward file that OpenRLHF (--reward.remote_url FILE) or "
+                                    "verl (reward.custom_reward_function.path=FILE) loads.")
+    a.add_argument("framework", choices=sorted(ADAPTER_FILES), help="openrlhf or verl")
     a.set_defaults(func=cmd_path)
 
-    a = asub.add_parser("flags", help="print how to point a framework at the reward service")
-    a.add_argument("framework", choices=["openrlhf", "trl", "verl"])
+    a = asub.add_parser("flags", help="print how to point a framework at the reward service",
+                        description="Print the flags (OpenRLHF), the config overrides (verl) or the code (TRL) that "
+                                    "point the framework at the reward service, ready to paste.")
+    a.add_argument("framework", choices=["openrlhf", "trl", "verl"], help="openrlhf, trl or verl")
     a.add_argument("--url", default=DEFAULT_URL, help=f"the reward service's base URL (default {DEFAULT_URL})")
     a.set_defaults(func=cmd_flags)
 
-    a = asub.add_parser("check", help="validate a launch with the installed framework's own parser/config (no GPU)",
-                        description="Everything after `--` is the framework's command line: train_ppo_ray flags "
-                                    "(openrlhf) or Hydra overrides (verl).")
-    a.add_argument("framework", choices=["openrlhf", "verl"])
-    a.add_argument("args", nargs=argparse.REMAINDER, help="-- then the flags or overrides")
+    a = asub.add_parser("check", help="check a launch command with the installed framework's own parser (no GPU)",
+                        usage="grape-rewards adapters check {openrlhf,verl} -- ARGS...",
+                        description="Check a launch with the installed framework's own code, without GPUs: OpenRLHF's "
+                                    "train_ppo_ray argument parser, or verl's Hydra config and reward loader; then "
+                                    "list what would make a GRAPE run wrong (no label key, a URL without /get_reward, "
+                                    "an estimator that is not GRPO...). Everything after -- is the framework's "
+                                    "command line: train_ppo_ray flags (openrlhf) or Hydra overrides (verl).")
+    a.add_argument("framework", choices=["openrlhf", "verl"], help="openrlhf or verl")
+    a.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                   help="-- then the framework's flags (openrlhf) or overrides (verl)")
     a.set_defaults(func=cmd_check)

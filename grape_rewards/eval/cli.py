@@ -35,6 +35,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+EVAL_DESCRIPTION = """\
+Recall@K of a benchmark split's original queries and of each rewrite file, side by side (metrics.json and .md),
+and the score-inflation report (similarity to the target against the best and the average non-target).
+
+  grape-rewards eval --benchmark flickr30k-cn --root data/flickr30k-cn --retriever open_clip:ViT-L-14/openai \\
+      --rewrites base=rewrites/base.jsonl --rewrites grape=rewrites/grape.jsonl --out results/flickr
+  grape-rewards eval --benchmark cirr --root data/cirr --split test1 --retriever composed:open_clip:ViT-L-14/openai \\
+      --rewrites grape=rewrites/cirr_test.jsonl --out results/cirr_test      # CIRR test1: the submission files
+
+Several --index (each built by its own retriever over the same corpus ids) make an ensemble: each retriever is
+evaluated over its own index, and the report leads with the combined Recall@K (--ensemble mean: the mean of the
+retrievers' R@K; min: the share of queries whose target is in the top K of every retriever), then one table per
+retriever. CIRR submission files need one ranking, so an ensemble does not write them.
+
+A CIRR submission the server would not take (a gallery under 51 images has no top 50 besides each reference) is
+refused on its own: the metrics are still written, the reason is printed, and the exit code is 1.
+"""
 
 def _named_paths(items: list[str]) -> list[tuple[str | None, Path]]:
     from .evaluate import parse_named_path
@@ -125,7 +142,7 @@ def register(subparsers: Any) -> None:
     from ..rewrite.cli import add_benchmark_args
 
     p = subparsers.add_parser("eval", help="Recall@K of original queries and rewrite files; inflation report; "
-                                           "CIRR submissions", description=__doc__,
+                                           "CIRR submissions", description=EVAL_DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(p)
     add_retriever_args(p, required=False)
@@ -160,19 +177,25 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
-    p = subparsers.add_parser("inflation-report", help="score-inflation report from scored JSONL files")
+    p = subparsers.add_parser("inflation-report", help="score-inflation report from scored JSONL files",
+                              description="The score-inflation report (similarity to the target against the best and "
+                                          "the average non-target, per file) from scored JSONL files: .json, .md and "
+                                          "a .png.")
     p.add_argument("--scored", action="append", required=True, metavar="[NAME=]PATH",
-                   help="a scored JSONL (grape-rewards score output); repeatable")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--prefix", default="inflation", help="file name stem of the outputs")
-    p.add_argument("--title")
-    p.add_argument("--no-plot", action="store_true")
+                   help="a scored JSONL (grape-rewards score output); NAME labels it; repeatable")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write the report into")
+    p.add_argument("--prefix", default="inflation", help="file name stem of the outputs (default inflation)")
+    p.add_argument("--title", help="the plot's title")
+    p.add_argument("--no-plot", action="store_true", help="skip the .png (no matplotlib needed)")
     p.set_defaults(func=cmd_inflation_report)
 
     p = subparsers.add_parser("series-report", help="the dashboard's reward series (reward, rank, recall, similarities,"
-                                                    " margin, length, alarms) as a PNG from a scored JSONL")
+                                                    " margin, length, alarms) as a PNG from a scored JSONL",
+                              description="The dashboard's series (reward, rank, recall, similarities, margin, length, "
+                                          "alarms) over a scored JSONL whose rows are in the order they were scored, "
+                                          "as one PNG, with the window means beside it as JSON.")
     p.add_argument("--scored", required=True, type=Path, help="a scored JSONL (grape-rewards score), rows in order")
     p.add_argument("--out", required=True, type=Path, help="the PNG to write (the window means go beside it as .json)")
     p.add_argument("--window", type=int, default=256, help="rows per plotted point (default 256)")
-    p.add_argument("--title")
+    p.add_argument("--title", help="the figure's title")
     p.set_defaults(func=cmd_series_report)

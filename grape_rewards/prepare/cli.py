@@ -16,6 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 
+DESCRIPTION = """\
+Write the training files of a benchmark split, or of a JSONL of queries: OUT/openrlhf/<split>.jsonl,
+OUT/verl/<split>.parquet and OUT/trl/<split>.jsonl (--format picks). Queries without known targets (hidden test
+labels) are left out.
+
+  grape-rewards prepare --benchmark cirr --root /data/cirr --split train --out data/cirr
+  grape-rewards prepare --queries my_queries.jsonl --task longform --out data/mine
+  grape-rewards prepare --queries my_queries.jsonl --index index/ --out data/mine   # the task from the index
+"""
+
 
 def _loader_args(pairs: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
@@ -71,7 +81,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``prepare`` sub-command to the ``grape-rewards`` parser."""
     p = sub.add_parser("prepare", help="write OpenRLHF / verl / TRL training files for a benchmark split",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--benchmark", help="a benchmark loader: cirr, flickr30k-cn, cvlue, xm3600, wiki-longform")
     src.add_argument("--queries", help="a JSONL of queries: query_id, text, target_ids [, task, language, "

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..corpus.files import atomic_write
 from .rows import TrainingQuery, openrlhf_row, trl_row, verl_row
 
 FORMATS: tuple[str, ...] = ("openrlhf", "verl", "trl")
@@ -18,6 +17,8 @@ EXTENSIONS: dict[str, str] = {"openrlhf": "jsonl", "verl": "parquet", "trl": "js
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
     """Write one JSON object per line (UTF-8 as is); returns the number of rows."""
+    from ..corpus.files import atomic_write  # here: the corpus layer imports torch, and the CLI parser imports this
+
     rows = list(rows)
 
     def write(tmp: Path) -> None:
@@ -36,6 +37,8 @@ def write_parquet(rows: Iterable[dict[str, Any]], path: str | Path) -> int:
         import pyarrow.parquet as pq
     except ImportError:
         raise RuntimeError("writing verl parquet needs pyarrow: pip install pyarrow") from None
+    from ..corpus.files import atomic_write
+
     rows = list(rows)
     if not rows:
         raise ValueError("no rows to write")

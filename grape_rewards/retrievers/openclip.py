@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .base import (
     warn_random_init,
 )
 from .clip_tokenizer import fast_clip_tokenizer
+from .loading import hub_only_if_reachable
 
 
 class OpenCLIPRetriever(Retriever):
@@ -77,14 +79,25 @@ class OpenCLIPRetriever(Retriever):
                 raise FileNotFoundError(f"open_clip checkpoint {pretrained!r} (from {self.spec!r}) does not exist; "
                                         "pass the path of an existing .pt/.bin/.safetensors file")
             pretrained = str(Path(pretrained).expanduser())
+        from_hub = not random_init and (model_name.startswith("hf-hub:") or (
+            model_name in open_clip.list_models() and not (pretrained and Path(pretrained).is_file())))
+        unreachable: str | None = None
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), (hub_only_if_reachable() if from_hub else nullcontext()) as hub:
+                unreachable = hub
                 torch.manual_seed(seed)
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     model_name, pretrained=None if random_init else pretrained, device="cpu",
                     load_weights=not random_init)
             tokenizer = open_clip.get_tokenizer(model_name)
         except Exception as exc:
+            if unreachable is not None:
+                raise RuntimeError(
+                    f"cannot load open_clip model {model_name!r} (pretrained={pretrained!r}) for {self.spec!r}: its "
+                    f"weights are not in the local cache and the model hub cannot be reached ({unreachable}); pass "
+                    + ("" if model_name.startswith("hf-hub:") else
+                       f"a local checkpoint (open_clip:{model_name}/<path/to/weights.bin>) or ")
+                    + "a local folder (open_clip:local-dir:<folder with open_clip_config.json>)") from exc
             raise RuntimeError(
                 f"cannot load open_clip model {model_name!r} (pretrained={pretrained!r}) for {self.spec!r}: {exc}\n"
                 f"-> pass a local checkpoint (open_clip:{model_name}/<path/to/weights.bin>), a local folder "

@@ -16,6 +16,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+DESCRIPTION = """\
+Generate rewrites of a benchmark split's queries with an LLM (transformers, vLLM, or any OpenAI-compatible server)
+into a JSONL file; rerun the same command after an interruption and the queries already written are skipped.
+
+  grape-rewards rewrite --benchmark flickr30k-cn --root data/flickr30k-cn --split test \\
+      --backend transformers --model Qwen/Qwen2.5-1.5B-Instruct --out rewrites/base.jsonl
+  grape-rewards rewrite --benchmark cirr --root data/cirr --split val --backend openai \\
+      --base-url http://localhost:8000/v1 --model Qwen/Qwen2.5-VL-7B-Instruct --out rewrites/vl.jsonl
+"""
+
 
 def add_benchmark_args(p: argparse.ArgumentParser) -> None:
     """``--benchmark``, ``--root``, ``--split``, ``--bench-arg`` (shared by ``rewrite`` and ``eval``)."""
@@ -85,11 +95,12 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``rewrite`` to the ``grape-rewards`` sub-commands."""
     p = subparsers.add_parser("rewrite", help="generate rewrites of a benchmark's queries (resumable JSONL)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_benchmark_args(p)
     p.add_argument("--out", required=True, type=Path,
                    help="JSONL of {query_id, rewrite, raw, model}; ids already in it are skipped (resume)")
-    p.add_argument("--backend", choices=["transformers", "vllm", "openai"], default="transformers")
+    p.add_argument("--backend", choices=["transformers", "vllm", "openai"], default="transformers",
+                   help="what runs the LLM: transformers (default), vllm, or openai (any OpenAI-compatible server)")
     p.add_argument("--model", required=True, help="model name or folder (transformers, vllm) or served model name "
                                                   "(openai)")
     p.add_argument("--model-name", help="what the 'model' field records (default: --model)")
@@ -102,15 +113,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, help="prompts per generate call and per fsynced write (default: "
                                                   "transformers 16, vllm 256, openai 4 x concurrency)")
     p.add_argument("--limit", type=int, help="only the first N queries")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per rewrite at most (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (negative: none, not sent to servers)")
     g = p.add_argument_group("transformers")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (auto: bf16 on GPUs that support it, else fp16; fp32 on the CPU)")
-    g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's own Python code (models that need it; only for code you trust)")
     g = p.add_argument_group("vllm")
     g.add_argument("--vllm-args", help='JSON of vllm.LLM keywords, e.g. \'{"tensor_parallel_size": 2}\'')
     g = p.add_argument_group("openai (any OpenAI-compatible server)")

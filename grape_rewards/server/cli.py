@@ -12,8 +12,10 @@ This module imports nothing heavy at module level (the CLI parser is built on ev
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import shlex
 import socket
 import types
 import typing
@@ -39,12 +41,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """``--config`` and one flag per :class:`~grape_rewards.server.config.ServeConfig` field."""
     from .config import ServeConfig
 
-    p.add_argument("--config", help="YAML file of serve settings (ServeConfig fields); also GRAPE_CONFIG")
+    p.add_argument("--config", metavar="YAML", help="a YAML file of these settings (the keys are the flags' names with "
+                                                    "underscores: max_batch_size); also GRAPE_CONFIG")
     for name, field in ServeConfig.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = (field.description or "").replace("``", "").replace("%", "%%")
-        default = "required" if field.is_required() else f"default {field.default}"
-        help_text += f" [env GRAPE_{name.upper()}; {default}]"
+        default = "" if field.is_required() or field.default is None else f"default {field.default}; "
+        help_text += f" ({default}env GRAPE_{name.upper()})"
         if field.annotation is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
@@ -78,7 +81,28 @@ def run(config: Any) -> int:
                 config.device)
     scorer = load_scorer(config)  # a fingerprint mismatch stops here, before anything is bound
     app = create_app(scorer, config)
+    log_next_steps(service_url(config.host, sock.getsockname()[1]), scorer.index.ids[0], bool(config.token))
     return serve(app, config, sock)
+
+
+def service_url(host: str, port: int) -> str:
+    """The URL at which a client on this machine reaches a service bound to ``host``:``port``.
+
+    >>> service_url("127.0.0.1", 8000), service_url("0.0.0.0", 8000), service_url("::", 8000)
+    ('http://127.0.0.1:8000', 'http://127.0.0.1:8000', 'http://[::1]:8000')
+    """
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def log_next_steps(url: str, example_id: str, token: bool) -> None:
+    """Log where the service listens and what to try next: a reward for one item, the API, the trainers' flags."""
+    auth = ' -H "Authorization: Bearer $GRAPE_TOKEN"' if token else ""
+    body = json.dumps({"items": [{"rewrite": "a short description of the target", "target_ids": [example_id]}]})
+    logger.info("listening on %s (Ctrl-C or SIGTERM stops it, after answering the requests already accepted)", url)
+    logger.info("try: curl -s%s %s/v1/rewards -H 'Content-Type: application/json' -d %s", auth, url, shlex.quote(body))
+    logger.info("next: the API at %s/docs; a trainer's flags: grape-rewards adapters flags openrlhf|verl|trl --url %s",
+                url, url)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
