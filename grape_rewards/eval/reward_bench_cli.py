@@ -225,13 +225,14 @@ def register(subparsers: Any) -> None:
     sm = p.add_argument_group("sampling candidates (instead of, or besides, --candidates)")
     sm.add_argument("--sample", type=int, default=0, metavar="N", help="sample N rewrites of every query")
     sm.add_argument("--model", help="the rewriting model: a local folder, a hub name, or a served model's name")
-    sm.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "openai"])
+    sm.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "openai"],
+                    help="how to run the model (default transformers; openai: a served model at --base-url)")
     sm.add_argument("--base-url", help="the openai backend's server, e.g. http://localhost:8000/v1")
     sm.add_argument("--task", default="text", choices=["multilingual", "longform", "composed", "text"],
                     help="the rewrite prompt (default text)")
-    sm.add_argument("--temperature", type=float, default=1.0)
-    sm.add_argument("--max-new-tokens", type=int, default=64)
-    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    sm.add_argument("--max-new-tokens", type=int, default=64, help="longest completion in tokens (default 64)")
+    sm.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sm.add_argument("--save-candidates", type=Path, help="write the candidates (sampled ones included) here, so the "
                                                          "run can be repeated with --candidates")
     other = p.add_argument_group("other")
