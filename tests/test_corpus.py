@@ -210,7 +210,7 @@ def test_unreadable_image_leaves_no_index(tmp_path, tiny_open_clip, images):
 def test_existing_index_needs_overwrite(tmp_path, minilm):
     source = text_source(tmp_path, 4)
     build_index(source, minilm, tmp_path / "idx", progress=False)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match=r"overwrite=True \(--overwrite on the command line\)"):
         build_index(source, minilm, tmp_path / "idx", progress=False)
     bigger = text_source(tmp_path, 6)
     index = build_index(bigger, minilm, tmp_path / "idx", progress=False, overwrite=True)

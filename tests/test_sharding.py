@@ -117,7 +117,7 @@ def test_shard_refusals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=">= 1"):
         shard_index(parent, tmp_path / "s", 0)
     shard_index(parent, tmp_path / "s", 2)
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match=r"overwrite=True \(--overwrite on the command line\)"):
         shard_index(parent, tmp_path / "s", 3)
     assert len(shard_index(parent, tmp_path / "s", 3, overwrite=True)) == 3
     assert read_shard_set(tmp_path / "s").num_shards == 3

@@ -150,7 +150,8 @@ def build_index(
     """
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds an index; pass --overwrite to replace it")
+        raise FileExistsError(f"{out} already holds an index; replace it with overwrite=True "
+                              "(--overwrite on the command line)")
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an index; choose an empty or new folder")
     if source.modality != retriever.corpus_modality:

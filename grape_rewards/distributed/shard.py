@@ -115,7 +115,8 @@ def shard_index(src: str | Path, out: str | Path, num_shards: int, overwrite: bo
     if out.resolve() == src.resolve():
         raise ValueError("--out must be a new folder, not the index being sharded")
     if (out / SHARD_SET).exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds a sharded index; pass --overwrite to replace it")
+        raise FileExistsError(f"{out} already holds a sharded index; replace it with overwrite=True "
+                              "(--overwrite on the command line)")
     if out.exists() and not (out / SHARD_SET).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a sharded index; choose an empty or new folder")
     checksums = dict(manifest.get("checksums", {}))

@@ -49,7 +49,8 @@ class ServeConfig(BaseModel):
     # -- what to serve ------------------------------------------------------------------------------
     index: str | list[str] = Field(min_length=1)
     """The index folder (``grape-rewards index build --out``); several (comma-separated, a YAML list, or
-    ``--index`` repeated) make an ensemble of their retrievers over the same ids (``reward_config.ensemble``)."""
+    ``--index`` repeated) make an ensemble of their retrievers over the same ids (the reward settings' ``ensemble``
+    says how their rank parts combine)."""
     retriever: str | None = None
     """Retriever spec; default: the spec recorded in the index manifest. Its fingerprint must match the index."""
     reward_config: Any = None
@@ -68,8 +69,8 @@ class ServeConfig(BaseModel):
     """At startup, freeze what is loaded out of the garbage collector's sight and collect the young generation
     every 100,000 allocations instead of 700 (process-wide; about twice the single-sample requests per second)."""
     fast_routes: bool = True
-    """Answer the POST routes (/get_reward, /v1/rewards, /retrieve) in the raw-ASGI guard, before FastAPI's
-    middleware and routing (the same handlers, less CPU per request; docs/shortcuts.md). Off: FastAPI's routes."""
+    """Answer the POST routes (/get_reward, /v1/rewards, /retrieve) on a short path with the same handlers and
+    checks, for less CPU per request (docs/shortcuts.md). Off: the web framework's own routing."""
 
     # -- batching and caches --------------------------------------------------------------------------
     max_batch_size: int = Field(default=256, ge=1)
@@ -92,7 +93,7 @@ class ServeConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port (0: any free port)."""
     token: str | None = Field(default=None, repr=False)
-    """Bearer token required on every endpoint except /health, /ready and the API contract (/openapi.json, /docs).
+    """Bearer token required on every endpoint except /health, /ready and the API contract (/openapi.json).
     Set it with the env variable GRAPE_TOKEN: a --token flag is visible to every local user in the process list."""
     insecure: bool = False
     """Allow binding a non-loopback address without a token."""
