@@ -58,7 +58,7 @@ def main() -> int:
     model, tokenizer = rb.load_policy()
     plan = rb.Plan(samples=SAMPLES, batch_rows=64)
     import torch
-    from grpo_miniature import decoding, generate_sharing_prefill
+    from grpo_miniature import generate_sharing_prefill
 
     from grape_rewards.rewards import extract_rewrite
 
@@ -72,7 +72,8 @@ def main() -> int:
         with torch.inference_mode():
             tokens = generate_sharing_prefill(model, prompts[start:start + per_batch], SAMPLES,
                                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=plan.max_new_tokens,
-                                              **decoding(SAMPLES, plan.temperature))
+                                              do_sample=True, temperature=plan.temperature, top_p=plan.top_p,
+                                              top_k=0)
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         for j, q in enumerate(queries[start:start + per_batch]):
             sampled = [extract_rewrite(t).text for t in texts[j * SAMPLES:(j + 1) * SAMPLES]]

@@ -94,7 +94,8 @@ class Plan:
     dev_seed: int = 0
     samples: int = 16
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 0.7
+    top_p: float = 0.9
     batch_rows: int = 128
     mpnet: bool = True
     resamples: int = 2000
@@ -263,7 +264,7 @@ def sample(plan: Plan, policy: tuple[Any, Any], data: SeedData, queries: Sequenc
     """``plan.samples`` rewrites of every query, appended to ``path`` one batch at a time (fsynced); queries already
     there are skipped, so an interrupted run resumes where it stopped. Each batch has its own seed."""
     import torch
-    from grpo_miniature import decoding, generate_sharing_prefill
+    from grpo_miniature import generate_sharing_prefill
 
     from grape_rewards.rewards import extract_rewrite
 
@@ -288,8 +289,8 @@ def sample(plan: Plan, policy: tuple[Any, Any], data: SeedData, queries: Sequenc
             with torch.inference_mode():
                 tokens = generate_sharing_prefill(model, [ids[q.query_id] for q in batch], plan.samples,
                                                   pad_token_id=tokenizer.pad_token_id,
-                                                  max_new_tokens=plan.max_new_tokens,
-                                                  **decoding(plan.samples, plan.temperature))
+                                                  max_new_tokens=plan.max_new_tokens, do_sample=True,
+                                                  temperature=plan.temperature, top_p=plan.top_p, top_k=0)
             texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for j, q in enumerate(batch):
                 for text in texts[j * plan.samples:(j + 1) * plan.samples]:
@@ -544,10 +545,10 @@ def heldout_markdown(record: dict[str, Any]) -> str:
 DESIGN: dict[str, Any] = {
     "summary": ("6 task seeds x (2,400 captions, 400 clusters of one-attribute hard negatives); 102 held-out queries "
                 "per seed (612 in all; kinds chatter, typos, synonyms, negated, balanced per cluster), every query "
-                "holding all its target's attributes; 16 SmolLM2-135M-Instruct samples per query (temperature 1.0, "
-                "48 new tokens, no example in the prompt), plus a rule-based rewrite and four adversarial candidates; "
-                "rewards scored by all-MiniLM-L6-v2 through grape_rewards; judges: ground truth (primary), BM25, "
-                "all-mpnet-base-v2, and MiniLM itself (marked as the training retriever)"),
+                "holding all its target's attributes; 16 SmolLM2-135M-Instruct samples per query (temperature 0.7, "
+                "top-p 0.9, 48 new tokens, no example in the prompt), plus a rule-based rewrite and four adversarial "
+                "candidates; rewards scored by all-MiniLM-L6-v2 through grape_rewards; judges: ground truth (primary), "
+                "BM25, all-mpnet-base-v2, and MiniLM itself (marked as the training retriever)"),
     "rewards": list(REWARDS),
     "eligible": list(ELIGIBLE),
     "temperature_grid": list(TEMPERATURE_GRID),
