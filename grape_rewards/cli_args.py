@@ -43,11 +43,17 @@ def add_retriever_args(p: argparse.ArgumentParser, required: bool = True, defaul
 
 
 def add_reward_args(p: argparse.ArgumentParser) -> None:
-    """``--reward-config`` (a YAML file) and the flags that override it: ``--shape``, ``--k``, ``--relative``,
-    ``--preset``, ``--ensemble``."""
+    """``--reward-config`` (a YAML file) and the flags that override it: ``--shape``, ``--k``, ``--rank-mode``,
+    ``--temperature``, ``--relative``, ``--preset``, ``--ensemble``."""
+    from .rewards.graded_rank import RANK_MODES
+    from .rewards.shapes import RANK_SHAPES
+
     p.add_argument("--reward-config", type=Path, help="YAML file of reward settings (RewardConfig fields)")
-    p.add_argument("--shape", choices=["linear", "reciprocal", "log", "recall@k"], help="rank shape")
+    p.add_argument("--shape", choices=RANK_SHAPES, help="rank shape")
     p.add_argument("--k", type=int, help="k of the recall@k shape")
+    p.add_argument("--rank-mode", choices=RANK_MODES,
+                   help="hard (the plain rank), margin (graded by the target's gaps to its neighbours) or soft")
+    p.add_argument("--temperature", type=float, help="the similarity scale of the margin and soft rank modes")
     p.add_argument("--relative", action="store_true", help="reward the change against the original query's rank")
     p.add_argument("--preset", choices=["rank", "similarity"], help="rank (default) or the similarity baseline")
     p.add_argument("--ensemble", choices=["mean", "min"],
@@ -61,8 +67,9 @@ def reward_config_from_args(args: argparse.Namespace) -> RewardConfig:
     config = RewardConfig.from_yaml(args.reward_config) if args.reward_config else RewardConfig()
     if args.preset:
         config = RewardConfig.preset(args.preset, **config.model_dump(exclude={"weights"}))
-    updates = {k: v for k, v in {"shape": args.shape, "k": args.k,
-                                          "ensemble": getattr(args, "ensemble", None)}.items() if v is not None}
+    updates = {k: v for k, v in {"shape": args.shape, "k": args.k, "rank_mode": args.rank_mode,
+                                 "temperature": args.temperature,
+                                 "ensemble": getattr(args, "ensemble", None)}.items() if v is not None}
     if args.relative:
         updates["relative"] = True
     return RewardConfig.model_validate({**config.model_dump(), **updates})

@@ -195,3 +195,22 @@ def test_scorer_margin_and_soft_rewards_match_numpy(minilm) -> None:
             assert sample["rank"] == want["rank"]
             assert sample["graded_rank"] == pytest.approx(rho, abs=1e-4)
             assert sample["reward"] == pytest.approx(rank_reward(rho, want["n"], "log"), abs=1e-5)
+
+
+def test_cli_score_takes_the_rank_mode_and_temperature(demo_index_dir, tmp_path) -> None:
+    import json
+
+    from grape_rewards.cli import main
+
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"rewrite": "a brown dog catches a frisbee in a sunny park", "target_ids": ["cap000"]})
+                    + "\n")
+    for mode, temperature in (("margin", "0.1"), ("soft", "0.02")):
+        out = tmp_path / f"{mode}.jsonl"
+        assert main(["score", "--index", str(demo_index_dir), "--input", str(rows), "--output", str(out), "--quiet",
+                     "--shape", "loglinear", "--rank-mode", mode, "--temperature", temperature]) == 0
+        sample = json.loads(out.read_text())
+        assert sample["rank"] == 1.0 and 1.0 <= sample["graded_rank"] < 2.0
+        assert sample["reward"] == pytest.approx(1 - math.log(sample["graded_rank"]) / math.log(sample["n"]))
+    assert main(["score", "--index", str(demo_index_dir), "--input", str(rows), "--output", str(tmp_path / "x.jsonl"),
+                 "--quiet", "--shape", "recall@k", "--rank-mode", "margin"]) == 2  # a step takes the plain rank
