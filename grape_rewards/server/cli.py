@@ -101,8 +101,8 @@ def log_next_steps(url: str, example_id: str, token: bool) -> None:
     body = json.dumps({"items": [{"rewrite": "a short description of the target", "target_ids": [example_id]}]})
     logger.info("listening on %s (Ctrl-C or SIGTERM stops it, after answering the requests already accepted)", url)
     logger.info("try: curl -s%s %s/v1/rewards -H 'Content-Type: application/json' -d %s", auth, url, shlex.quote(body))
-    logger.info("next: the API at %s/docs; a trainer's flags: grape-rewards adapters flags openrlhf|verl|trl --url %s",
-                url, url)
+    logger.info("next: the API contract at %s/openapi.json; a trainer's flags: grape-rewards adapters flags "
+                "openrlhf|verl|trl --url %s", url, url)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
