@@ -113,6 +113,8 @@ def test_serve_demo_says_where_it_listens_and_what_to_try(tmp_path: Path) -> Non
                 time.sleep(0.2)
         assert response.status_code == 200 and 0 <= response.json()["results"][0]["reward"] <= 1, response.text
         assert f"grape-rewards adapters flags openrlhf|verl|trl --url {url}" in text
+        next_step = next(line for line in text.splitlines() if "next: " in line)
+        assert f"{url}/openapi.json" in next_step and "/docs" not in next_step  # a page the service serves
         assert list(temp.glob("grape-rewards-demo-*/captions/manifest.json")), "the demo index is in a temporary folder"
     finally:
         proc.send_signal(signal.SIGTERM)
