@@ -14,8 +14,9 @@ PARTS: tuple[str, ...] = ("rank", "similarity", "format")
 """Named parts of the composite reward (see :func:`grape_rewards.rewards.composite.score_sample`)."""
 
 
-DEFAULT_TEMPERATURES: dict[str, float] = {"margin": 0.05, "soft": 0.02}
-"""The similarity scale of each graded rank mode when ``temperature`` is not set."""
+DEFAULT_TEMPERATURES: dict[str, float] = {"margin": 0.01, "soft": 0.02}
+"""The similarity scale of each graded rank mode when ``temperature`` is not set: chosen on the reward benchmark's
+dev split, before its held-out run (benchmarks/results/reward-bench-dev.json)."""
 
 
 class FormatConfig(BaseModel):
