@@ -536,7 +536,9 @@ def heldout_markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {mode} | " + " | ".join(f"{table[str(t)]:+.4f}" for t in TEMPERATURE_GRID)
                          + f" | {dev['chosen'][mode]} |")
         lines.append("")
-    lines += ["## Cost", "", f"{record['minutes']:.1f} min on this machine ({record['machine_note']}); per stage: "
+    lines += ["## Cost", "", f"{record['minutes']:.1f} min on this machine ({record['machine_note']}; "
+              f"{record['cpu_minutes']:.0f} CPU-minutes; load average at the end "
+              f"{', '.join(f'{x:.1f}' for x in record['load_average_at_end'])}); per stage: "
               + ", ".join(f"{k} {v:.1f} min" for k, v in record["stage_minutes"].items()) + ".", ""]
     body = markdown(record["summary"], title="All figures")
     return "\n".join(lines) + "\n" + body.replace("# All figures", "## All figures", 1)
@@ -619,9 +621,14 @@ def stage_run(plan: Plan, stage: str) -> dict[str, Any]:
 
 
 def write_outputs(plan: Plan, record: dict[str, Any], started: float) -> None:
+    import resource
+
     from grape_rewards.eval.reward_bench_report import write_reward_bench
 
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     record["minutes"] = (time.perf_counter() - started) / 60
+    record["cpu_minutes"] = (usage.ru_utime + usage.ru_stime) / 60
+    record["load_average_at_end"] = list(os.getloadavg())
     record["machine_note"] = f"{machine()['cpu_model']}, {os.cpu_count()} cores"
     result = record.pop("_result", None)
     candidates = record.pop("_candidates", None)
