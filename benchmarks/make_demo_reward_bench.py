@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import miniature_task as task
 import reward_bench as rb
 import reward_bench_task as rbt
 
@@ -37,7 +38,7 @@ def shifted_query(caption: str, i: int, rng: random.Random) -> str:
     if i % 2 == 0:
         filler = rng.sample(rbt.CHATTER, 6)
         return " ".join([*filler[:3], f"I think it showed this: {caption.lower().rstrip('.')}.", *filler[3:]])
-    return " ".join(rbt._typo(w, rng) if len(w) >= 4 and rng.random() < 0.6 else w
+    return " ".join(task.typo(w, rng) if len(w) >= 4 and rng.random() < 0.6 else w
                     for w in caption.lower().rstrip(".").split())
 
 

@@ -172,7 +172,8 @@ def build_corpus(seed: int = 0, clusters: int = 400) -> list[Scene]:
     return scenes
 
 
-def _typo(word: str, rng: random.Random) -> str:
+def typo(word: str, rng: random.Random) -> str:
+    """``word`` with one typo (two neighbours swapped, one letter dropped or doubled); short words unchanged."""
     if len(word) < 4:
         return word
     i = rng.randrange(1, len(word) - 1)
@@ -235,7 +236,7 @@ def noisy_query(scene: Scene, rng: random.Random) -> str:
                f"{scene.colour} {scene.object}", scene.place]
     rng.shuffle(phrases)
     words = [w for w in " ".join(phrases).split() if w not in ("a", "an")]
-    return " ".join(_typo(w, rng) if rng.random() < 0.35 else w for w in words)
+    return " ".join(typo(w, rng) if rng.random() < 0.35 else w for w in words)
 
 
 QUERY_BUILDERS = {"rambling": rambling_query, "vague": vague_query, "noisy": noisy_query}

@@ -174,24 +174,12 @@ def chatter_query(scene: Scene, rng: random.Random) -> str:
     return " ".join(out)
 
 
-def _typo(word: str, rng: random.Random) -> str:
-    if len(word) < 4:
-        return word
-    i = rng.randrange(1, len(word) - 1)
-    kind = rng.randrange(3)
-    if kind == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
-    if kind == 1:
-        return word[:i] + word[i + 1:]
-    return word[:i] + word[i] + word[i:]
-
-
 def typos_query(scene: Scene, rng: random.Random) -> str:
     phrases = [task.count_phrase(scene.count, scene.subject), scene.action, f"{scene.colour} {scene.object}",
                scene.place]
     rng.shuffle(phrases)
     words = [w for w in " ".join(phrases).split() if w not in ("a", "an")]
-    return " ".join(_typo(w, rng) if len(w) >= 4 and rng.random() < 0.7 else w for w in words)
+    return " ".join(task.typo(w, rng) if len(w) >= 4 and rng.random() < 0.7 else w for w in words)
 
 
 def synonyms_query(scene: Scene, rng: random.Random) -> str:
