@@ -81,6 +81,23 @@ def parse_reward(text: str) -> tuple[str, RewardConfig]:
     return text, _no_alarms(RewardConfig.model_validate(fields))
 
 
+def reward_name(config: RewardConfig) -> str:
+    """The name :func:`parse_reward` reads back for a standard reward (rank part only, or similarity only);
+    ``custom`` for any other mix of parts.
+
+    >>> reward_name(RewardConfig(rank_mode="margin", shape="loglinear")), reward_name(RewardConfig.preset("similarity"))
+    ('margin-loglinear', 'similarity')
+    """
+    w = config.weights
+    if w == {"rank": 0.0, "similarity": 1.0, "format": 0.0}:
+        return "similarity"
+    if w != {"rank": 1.0, "similarity": 0.0, "format": 0.0}:
+        return "custom"
+    shape = f"recall@{config.k}" if config.shape == "recall@k" else config.shape
+    mode = "" if config.rank_mode == "hard" else f"{config.rank_mode}-"
+    return ("relative-" if config.relative else "") + mode + shape
+
+
 def _option(value: str) -> Any:
     for cast in (int, float):
         try:
