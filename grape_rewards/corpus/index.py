@@ -9,8 +9,8 @@ Layout of an index folder::
     contents-offsets.safetensors   text corpora: {"offsets": (count + 1,) int64}, where each item's text starts
 
 The contents files are optional: an index holds them when its manifest's checksums name them (text corpora built
-by this version); image corpora, shards, and indexes built before them have none, and their items' contents are
-their ids.
+by this version, and their shards); image corpora and indexes built before them have none, and their items'
+contents are their ids.
 """
 
 from __future__ import annotations
@@ -267,13 +267,15 @@ class CorpusIndex:
                 f"rebuild it: grape-rewards index build --retriever {expected_spec or '<spec>'} ...")
         files = manifest.get("checksums", {})
         has_contents = CONTENTS in files
+        remedy = ("split its parent index again (grape-rewards index shard)" if "shard" in manifest
+                  else "rebuild the index")
         for name in (EMBEDDINGS, IDS, *(CONTENT_FILES if has_contents else ())):
             file = folder / name
             if not file.is_file():
-                raise CorpusIndexError(f"index {folder} is incomplete: {name} is missing")
+                raise CorpusIndexError(f"index {folder} is incomplete: {name} is missing; {remedy}")
             if verify_checksum and files.get(name) != sha256_file(file):
                 raise CorpusIndexError(f"index {folder}: checksum of {name} does not match the manifest (the file "
-                                       "is corrupt or was changed after the build); rebuild the index")
+                                       f"is corrupt or was changed after it was written); {remedy}")
         embeddings = read_embeddings(folder / EMBEDDINGS)
         ids = read_ids(folder / IDS)
         if embeddings.shape != (manifest["count"], manifest["dim"]) or len(ids) != manifest["count"]:

@@ -88,6 +88,9 @@ class ShardActor:
     def vectors(self, rows: list[int]) -> torch.Tensor:
         return self.index.embeddings[rows].to("cpu", torch.float32)
 
+    def contents(self, rows: list[int]) -> list[str]:
+        return self.index.contents([self.index.ids[r] for r in rows])
+
     def search(self, queries: torch.Tensor, k: int, backend: str) -> tuple[torch.Tensor, list[list[str]]]:
         return self.index.search(queries, k, backend=backend)
 
@@ -239,6 +242,9 @@ class RayShards:
 
     def vectors(self, rows: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         return self._gather({s: (lambda a, r=r: a.vectors.remote(r)) for s, r in rows.items()})
+
+    def contents(self, rows: dict[int, list[int]]) -> dict[int, list[str]]:
+        return self._gather({s: (lambda a, r=r: a.contents.remote(r)) for s, r in rows.items()})
 
     def search(self, queries: torch.Tensor, k: int, backend: str) -> list[tuple[torch.Tensor, list[list[str]]]]:
         import ray

@@ -8,8 +8,11 @@ Layout written by :func:`shard_index` (``grape-rewards index shard DIR --out OUT
     ...                          (``count`` is the number of shards; the manifest's own ``count`` its rows)
 
 Shard ``i`` holds the parent's contiguous rows ``[row_offset, row_offset + rows)``, stored bytes unchanged, so the
-shards of an index rank exactly as the index does. Rank is additive over a partition (see
-:class:`~grape_rewards.corpus.rank.ScanCounts`); :class:`ShardedIndex` ranks in two phases:
+shards of an index rank exactly as the index does. When the parent keeps its items' texts (contents.bin and its
+offsets), each shard keeps its rows' texts, checksummed in its manifest like its other files.
+
+Rank is additive over a partition (see :class:`~grape_rewards.corpus.rank.ScanCounts`); :class:`ShardedIndex`
+ranks in two phases:
 
 1. each shard holding some of a query's targets scores them (:func:`~grape_rewards.corpus.rank.target_scores`);
    the best target score is the max over those shards;
@@ -37,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..corpus.contents import CONTENT_FILES, CONTENTS, ContentsError, ContentStore, write_contents_rows
 from ..corpus.files import atomic_write, atomic_write_bytes, atomic_write_json, replace_folder, sha256_file
 from ..corpus.index import (
     EMBEDDINGS,
@@ -104,8 +108,9 @@ def shard_folder_name(index: int, num_shards: int) -> str:
 def shard_index(src: str | Path, out: str | Path, num_shards: int, overwrite: bool = False) -> list[Path]:
     """Split the index folder ``src`` into ``num_shards`` shard index folders under ``out``; return their paths.
 
-    The parent's checksums are verified first. The shards are written to ``<out>.partial`` and renamed into
-    place, so ``out`` holds either a complete shard set or nothing new.
+    The parent's checksums are verified first. Each shard keeps its rows' texts when the parent keeps texts
+    (text corpora). The shards are written to ``<out>.partial`` and renamed into place, so ``out`` holds either a
+    complete shard set or nothing new.
     """
     src, out = Path(src), Path(out)
     manifest = read_manifest(src)
@@ -120,7 +125,8 @@ def shard_index(src: str | Path, out: str | Path, num_shards: int, overwrite: bo
     if out.exists() and not (out / SHARD_SET).exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not a sharded index; choose an empty or new folder")
     checksums = dict(manifest.get("checksums", {}))
-    for name in (EMBEDDINGS, IDS):
+    has_contents = CONTENTS in checksums
+    for name in (EMBEDDINGS, IDS, *(CONTENT_FILES if has_contents else ())):
         file = src / name
         if not file.is_file():
             raise CorpusIndexError(f"index {src} is incomplete: {name} is missing")
@@ -134,13 +140,18 @@ def shard_index(src: str | Path, out: str | Path, num_shards: int, overwrite: bo
         if shape != (manifest["count"], manifest["dim"]) or len(ids) != manifest["count"]:
             raise CorpusIndexError(f"index {src}: files hold {shape} embeddings and {len(ids)} ids, the manifest says "
                                    f"{manifest['count']} x {manifest['dim']}")
-        _write_shards(src, out, manifest, embeddings, ids, num_shards)
+        try:
+            contents = ContentStore.open(src, len(ids)) if has_contents else None
+        except ContentsError as exc:
+            raise CorpusIndexError(f"index {src}: {exc}") from None
+        _write_shards(src, out, manifest, embeddings, ids, num_shards, contents)
     return [out / shard_folder_name(i, num_shards) for i in range(num_shards)]
 
 
 def _write_shards(src: Path, out: Path, manifest: dict[str, Any], embeddings: Any, ids: list[str],
-                  num_shards: int) -> None:
-    """Write the shard folders into ``<out>.partial`` and rename it onto ``out``."""
+                  num_shards: int, contents: ContentStore | None) -> None:
+    """Write the shard folders (with their rows' texts when ``contents`` is given) into ``<out>.partial`` and rename
+    it onto ``out``."""
     checksums = dict(manifest.get("checksums", {}))
     bounds = shard_bounds(len(ids), num_shards)
 
@@ -155,10 +166,14 @@ def _write_shards(src: Path, out: Path, manifest: dict[str, Any], embeddings: An
         part = embeddings[start:end].contiguous()
         atomic_write(folder / EMBEDDINGS, lambda tmp, part=part: save_file({"embeddings": part}, str(tmp)))
         atomic_write_bytes(folder / IDS, json.dumps(ids[start:end], ensure_ascii=False).encode("utf-8"))
+        written = (EMBEDDINGS, IDS)
+        if contents is not None:
+            write_contents_rows(contents, start, end, folder)
+            written += CONTENT_FILES
         atomic_write_json(folder / MANIFEST, {
             **manifest,
             "count": end - start,
-            "checksums": {EMBEDDINGS: sha256_file(folder / EMBEDDINGS), IDS: sha256_file(folder / IDS)},
+            "checksums": {name: sha256_file(folder / name) for name in written},
             "shard": {"index": i, "count": num_shards, "row_offset": start, "total_count": len(ids),
                       "parent_checksums": checksums},
         })
@@ -302,6 +317,10 @@ class ShardBackend(Protocol):
         """float32 embeddings of local rows, per shard."""
         ...
 
+    def contents(self, rows: dict[int, list[int]]) -> dict[int, list[str]]:
+        """The contents of local rows (their texts, on shards that keep texts), per shard."""
+        ...
+
     def search(self, queries: torch.Tensor, k: int, backend: str) -> list[tuple[torch.Tensor, list[list[str]]]]:
         """Every shard's top-``k`` (scores, ids), in shard order."""
         ...
@@ -363,6 +382,9 @@ class LocalShards:
     def vectors(self, rows: dict[int, list[int]]) -> dict[int, torch.Tensor]:
         return {s: self.shards[s].embeddings[r].to("cpu", torch.float32) for s, r in rows.items()}
 
+    def contents(self, rows: dict[int, list[int]]) -> dict[int, list[str]]:
+        return {s: self.shards[s].contents([self.shards[s].ids[i] for i in r]) for s, r in rows.items()}
+
     def search(self, queries: torch.Tensor, k: int, backend: str) -> list[tuple[torch.Tensor, list[list[str]]]]:
         found = self._map(lambda s: self.shards[s].search(queries, k, backend=backend), range(len(self.shards)))
         return [found[s] for s in range(len(self.shards))]
@@ -400,6 +422,7 @@ class ShardedIndex:
         self.manifest = parent_manifest(manifests)
         self.backend = backend
         self._starts = torch.tensor(self.offsets[1:], dtype=torch.long)
+        self._has_texts = all(CONTENTS in m.get("checksums", {}) for m in manifests)
 
     @classmethod
     def load(cls, path: str | Path, devices: Sequence[str | torch.device] = ("cpu",),
@@ -452,17 +475,40 @@ class ShardedIndex:
 
     def vectors(self, ids: Sequence[str]) -> torch.Tensor:
         """The float32 embeddings of ``ids`` (fetched from their shards)."""
+        rows = self._fetch(ids, self.backend.vectors, "vectors")
+        return torch.stack(rows) if rows else torch.empty(0, self.dim, dtype=torch.float32)
+
+    @property
+    def contents_kind(self) -> str:
+        """What :meth:`contents` gives: ``"text"`` when every shard keeps its items' texts, else ``"id"`` (an image
+        corpus, or shards of an index built before texts were kept)."""
+        return "text" if self._has_texts else "id"
+
+    def contents(self, ids: Sequence[str]) -> list[str]:
+        """Each item's contents (:attr:`contents_kind`), asked of the shards holding ``ids`` (one call per shard);
+        an unknown id raises :class:`UnknownIdError`."""
+        if not self._has_texts:
+            self.rows(ids)  # unknown ids are refused all the same
+            return [str(i) for i in ids]
+        return self._fetch(ids, self.backend.contents, "contents")
+
+    def _fetch(self, ids: Sequence[str], fetch: Callable[[dict[int, list[int]]], dict[int, Sequence[T]]],
+               what: str) -> list[T]:
+        """``fetch`` each item of ``ids`` from its shard (one call with every shard's local rows), in ``ids``' order."""
         places = self.locate(self.rows(ids))
         wanted: dict[int, list[int]] = {}
         for s, local in places:
             wanted.setdefault(s, []).append(local)
-        got = self.backend.vectors(wanted)
-        if set(got) != set(wanted):
-            raise IncompleteCorpusError(f"{self.name}: shards {sorted(set(wanted) - set(got))} did not return vectors")
-        out = torch.empty(len(places), self.dim, dtype=torch.float32)
+        if not wanted:
+            return []
+        got = fetch(wanted)
+        short = sorted(s for s in wanted if s not in got or len(got[s]) != len(wanted[s]))
+        if short:
+            raise IncompleteCorpusError(f"{self.name}: shards {short} did not return the {what} asked of them")
         taken = dict.fromkeys(wanted, 0)
-        for i, (s, _) in enumerate(places):
-            out[i] = got[s][taken[s]]
+        out = []
+        for s, _ in places:
+            out.append(got[s][taken[s]])
             taken[s] += 1
         return out
 
