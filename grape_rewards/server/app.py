@@ -29,7 +29,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from .._version import __version__
-from ..corpus.index import CorpusIndex
 from ..ensemble import EnsembleScorer, scorer_from_indexes
 from ..framework_io import native_answer, openrlhf_answer
 from ..scorer import ItemError, ItemRows, RewardItem, RewardScorer
@@ -191,11 +190,11 @@ class ServiceState:
             [SearchQuery(q, refs[i] if refs is not None else None) for i, q in enumerate(queries)], topk,
             config.search_backend))
         ids = [f[1] for f in found]
-        index = scorer.index
-        if isinstance(index, CorpusIndex) and index.content_store is not None:  # read off the event loop
-            contents, kind = await asyncio.to_thread(lambda: [index.contents(row) for row in ids]), "text"
-        else:  # no texts kept (image corpora, older indexes; a sharded index keeps none): the ids stand in
-            contents, kind = ids, "id"
+        index, contents = scorer.index, ids  # no texts kept (image corpora, older indexes): the ids stand in
+        kind = index.contents_kind
+        if kind == "text":  # off the event loop, one lookup for every query's documents (one call per shard)
+            texts = iter(await asyncio.to_thread(index.contents, [i for row in ids for i in row]))
+            contents = [[next(texts) for _ in row] for row in ids]
         return dumps(retrieve_response([f[0] for f in found], ids, contents, kind, return_scores))
 
     async def score(self, items: list[RewardItem], rows: ItemRows) -> list[dict[str, float]]:

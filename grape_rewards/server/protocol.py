@@ -24,7 +24,7 @@ Search-R1 style (``POST /retrieve``)::
 
 ``contents`` is the item's text (a titled item's title in double quotes on its first line: Search-R1's passage
 format, which its agent splits into title and text), or the item's id where the index keeps no texts (image
-corpora, indexes built before texts were kept, sharded indexes); ``contents_kind`` says which.
+corpora, indexes built before texts were kept, and their shards); ``contents_kind`` says which.
 
 Pure functions, no I/O, no scoring rules: items are read and checked by the scorer layer
 (:func:`~grape_rewards.scorer.read_item`, :meth:`~grape_rewards.scorer.RewardScorer.validate`) and answers shaped by

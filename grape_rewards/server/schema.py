@@ -101,7 +101,7 @@ class RetrieveResponse(BaseModel):
         description="per query, best first: documents with scores (return_scores) or the documents alone")
     contents_kind: Literal["text", "id"] = Field(
         description="what each document's contents is: 'text', the item's text; 'id', its id, where the index keeps "
-                    "no texts (image corpora, indexes built before texts were kept, sharded indexes)")
+                    "no texts (image corpora, indexes built before texts were kept, and their shards)")
 
 
 class Health(BaseModel):
