@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from grape_rewards import __version__
 from grape_rewards.cli import main as cli_main
 from grape_rewards.corpus import CorpusIndex, CorpusIndexError, UnknownIdError, build_index, read_source
+from grape_rewards.corpus.contents import CONTENT_FILES, CONTENT_OFFSETS, CONTENTS, write_contents
 from grape_rewards.corpus.files import atomic_write_json, sha256_file
 from grape_rewards.corpus.index import EMBEDDINGS, IDS, INDEX_FORMAT, INDEX_VERSION, MANIFEST
 from grape_rewards.demo import data_path
@@ -35,7 +37,8 @@ from grape_rewards.distributed import (
 from grape_rewards.retrievers import TextEmbedder
 from grape_rewards.rewards import RewardConfig
 from grape_rewards.scorer import ItemError, RewardItem, RewardScorer
-from grape_rewards.server import ServeConfig
+from grape_rewards.server import ServeConfig, create_app
+from grape_rewards.server.testing import ServerThread
 
 
 def write_random_index(folder: Path, n: int, dim: int = 16, seed: int = 0, clustered: bool = True,
@@ -62,6 +65,21 @@ def write_random_index(folder: Path, n: int, dim: int = 16, seed: int = 0, clust
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "grape_rewards_version": __version__})
     return folder
+
+
+def add_texts(folder: Path, texts: list[str]) -> Path:
+    """Give an index folder its items' texts (the contents files, checksummed in its manifest), as a build does."""
+    write_contents(folder, texts)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["checksums"].update({name: sha256_file(folder / name) for name in CONTENT_FILES})
+    atomic_write_json(folder / MANIFEST, manifest)
+    return folder
+
+
+def some_texts(n: int) -> list[str]:
+    """Texts of every kind a corpus holds: titled (two lines), empty, non-ASCII, long."""
+    kinds = ['"Title {i}"\nbody of item {i}', "", "一只猫 {i} 在睡觉", "long " * 40 + "{i}", "plain {i}"]
+    return [kinds[i % len(kinds)].format(i=i) for i in range(n)]
 
 
 def random_requests(ids: list[str], num_queries: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
@@ -154,6 +172,96 @@ def test_cli_index_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert printed == [str(tmp_path / "out" / f"shard-00{i}-of-003") for i in range(3)]
     assert cli_main(["index", "shard", str(parent), "--out", str(tmp_path / "out"), "--num-shards", "2"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# -- the items' texts over shards ----------------------------------------------------------------------------------
+def test_shards_keep_their_rows_texts(tmp_path: Path) -> None:
+    texts = some_texts(103)
+    parent = add_texts(write_random_index(tmp_path / "idx", 103), texts)
+    folders = shard_index(parent, tmp_path / "shards", 4)
+    whole = CorpusIndex.load(parent)
+    offset = 0
+    for folder in folders:
+        shard = CorpusIndex.load(folder)  # every checksum verified, the texts' included
+        assert set(shard.manifest["checksums"]) == {EMBEDDINGS, IDS, CONTENTS, CONTENT_OFFSETS}
+        assert shard.contents_kind == "text" and shard.contents(shard.ids) == texts[offset:offset + len(shard)]
+        offset += len(shard)
+    assert b"".join((f / CONTENTS).read_bytes() for f in folders) == (parent / CONTENTS).read_bytes()
+
+    sharded = ShardedIndex.load(tmp_path / "shards")
+    assert sharded.contents_kind == "text"
+    ids = [whole.ids[i] for i in (102, 0, 25, 26, 51, 0, 77, 3)]  # every shard, in any order, one id twice
+    assert sharded.contents(ids) == whole.contents(ids) == [texts[int(i[4:])] for i in ids]
+    assert sharded.contents([]) == []
+    with pytest.raises(UnknownIdError, match="unknown corpus id 'nope'"):
+        sharded.contents([whole.ids[0], "nope"])
+    sharded.close()
+
+
+def test_shards_of_an_index_without_texts_answer_ids(tmp_path: Path) -> None:
+    """An image corpus, or an index built before texts were kept: its shards keep none, and answer ids."""
+    parent = write_random_index(tmp_path / "idx", 40)
+    folders = shard_index(parent, tmp_path / "shards", 3)
+    assert not any((f / name).exists() for f in folders for name in CONTENT_FILES)
+    assert all(set(CorpusIndex.load(f).manifest["checksums"]) == {EMBEDDINGS, IDS} for f in folders)
+    sharded = ShardedIndex.load(tmp_path / "shards")
+    assert sharded.contents_kind == "id"
+    assert sharded.contents(["item00039", "item00000"]) == ["item00039", "item00000"]
+    with pytest.raises(UnknownIdError, match="unknown corpus id 'nope'"):
+        sharded.contents(["nope"])
+    sharded.close()
+
+
+@pytest.mark.parametrize("damage", ["contents_bytes", "offsets_file", "contents_missing"])
+def test_a_corrupt_shard_texts_file_is_refused_at_load(tmp_path: Path, damage: str) -> None:
+    parent = add_texts(write_random_index(tmp_path / "idx", 30), some_texts(30))
+    folder = shard_index(parent, tmp_path / "shards", 3)[1]
+    if damage == "contents_bytes":
+        data = bytearray((folder / CONTENTS).read_bytes())
+        data[5] ^= 0x01  # one bit of one text
+        (folder / CONTENTS).write_bytes(bytes(data))
+        message = "checksum of contents.bin does not match the manifest"
+    elif damage == "offsets_file":
+        save_file({"offsets": torch.arange(11, dtype=torch.int64)}, str(folder / CONTENT_OFFSETS))
+        message = "checksum of contents-offsets.safetensors does not match the manifest"
+    else:
+        (folder / CONTENTS).unlink()
+        message = "is incomplete: contents.bin is missing"
+    with pytest.raises(CorpusIndexError, match=rf"index .*shard-001-of-003.*{message}.*split its parent index again "
+                                               r"\(grape-rewards index shard\)") as info:
+        ShardedIndex.load(tmp_path / "shards")
+    assert "\n" not in str(info.value)
+
+
+def test_sharding_texts_is_atomic_and_checks_the_parents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parent whose texts do not match its manifest is refused; a split that fails half-way leaves the shard set
+    that was there (with its texts) and nothing else."""
+    from grape_rewards.distributed import shard as shard_module
+
+    parent = add_texts(write_random_index(tmp_path / "idx", 30), some_texts(30))
+    shard_index(parent, tmp_path / "shards", 2)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()}
+    calls = []
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(*args, **kwargs)
+
+    real = shard_module.write_contents_rows
+    monkeypatch.setattr(shard_module, "write_contents_rows", failing)
+    with pytest.raises(OSError, match="disk full"):
+        shard_index(parent, tmp_path / "shards", 3, overwrite=True)
+    monkeypatch.undo()
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()}
+    assert after == before and ShardedIndex.load(tmp_path / "shards").contents(["item00029"]) == [some_texts(30)[29]]
+
+    (parent / CONTENTS).write_bytes((parent / CONTENTS).read_bytes()[:-1] + b"!")
+    with pytest.raises(CorpusIndexError, match="checksum of contents.bin does not match the manifest.*rebuild the "
+                                               "index before sharding it"):
+        shard_index(parent, tmp_path / "new", 2)
+    assert not (tmp_path / "new").exists()
 
 
 # -- exact rank, top-k and vectors over shards ---------------------------------------------------------------------
@@ -297,3 +405,53 @@ def test_reward_scorer_over_shards_gives_identical_samples(minilm: TextEmbedder,
         scorer.validate([RewardItem(rewrite="x", target_ids=["missing"])])
     with pytest.raises(CorpusIndexError, match="unsharded index"):
         load_sharded_scorer(ServeConfig(index=str(caption_index), device="cpu"))
+
+
+def retrieve_answers(scorer: RewardScorer, queries: list[str], topk: int) -> dict[str, Any]:
+    """``/retrieve``'s answer (scores included) from a service over ``scorer``."""
+    with ServerThread(create_app(scorer)) as server:
+        r = httpx.post(f"{server.url}/retrieve", json={"queries": queries, "topk": topk, "return_scores": True},
+                       timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+RETRIEVE_QUERIES = ["a dog catches a frisbee in the park", "two children on a beach", "a red car in the street",
+                    "a cat sleeping on a sofa", "people at dinner with wine", "a boat at the harbour"]
+
+
+def test_a_sharded_service_retrieves_the_whole_services_documents(minilm: TextEmbedder, caption_index: Path,
+                                                                  tmp_path: Path) -> None:
+    """/retrieve over a sharded text index answers every document's text, as the unsharded service does; the top-k
+    of each query comes from several shards."""
+    shard_index(caption_index, tmp_path / "shards", 3)
+    whole = CorpusIndex.load(caption_index, expected_fingerprint=minilm.fingerprint)
+    sharded = ShardedIndex.load(tmp_path / "shards", expected_fingerprint=minilm.fingerprint)
+    want = retrieve_answers(RewardScorer(minilm, whole, RewardConfig(), cache_size=0), RETRIEVE_QUERIES, 10)
+    got = retrieve_answers(RewardScorer(minilm, sharded, RewardConfig(), cache_size=0), RETRIEVE_QUERIES, 10)
+    assert got == want and got["contents_kind"] == "text"
+    captions = {row["id"]: row["text"] for row in map(json.loads, data_path("captions.jsonl").read_text().splitlines())}
+    for row in got["result"]:
+        assert [d["document"]["contents"] for d in row] == [captions[d["document"]["id"]] for d in row]
+        shards = {s for s, _ in sharded.locate(sharded.rows([d["document"]["id"] for d in row]))}
+        assert len(shards) > 1, "the top-k of every query spans shards"
+    sharded.close()
+
+
+def test_a_sharded_service_over_an_index_without_texts_answers_ids(minilm: TextEmbedder, caption_index: Path,
+                                                                   tmp_path: Path) -> None:
+    """Shards of an index built before texts were kept answer each item's id, as the unsharded index does."""
+    old = tmp_path / "old"
+    shutil.copytree(caption_index, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    for name in CONTENT_FILES:
+        (old / name).unlink()
+        del manifest["checksums"][name]
+    atomic_write_json(old / MANIFEST, manifest)
+    shard_index(old, tmp_path / "shards", 2)
+    want = retrieve_answers(RewardScorer(minilm, CorpusIndex.load(old), RewardConfig(), cache_size=0),
+                            RETRIEVE_QUERIES[:2], 5)
+    got = retrieve_answers(RewardScorer(minilm, ShardedIndex.load(tmp_path / "shards"), RewardConfig(),
+                                        cache_size=0), RETRIEVE_QUERIES[:2], 5)
+    assert got == want and got["contents_kind"] == "id"
+    assert all(d["document"]["contents"] == d["document"]["id"] for row in got["result"] for d in row)
