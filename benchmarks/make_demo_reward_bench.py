@@ -5,7 +5,7 @@ from SmolLM2-135M-Instruct (the prompt of ``reward_bench.py``, no example to cop
 the query copied, a keyword list stuffed with the words of the nearest other caption, generic boilerplate, and the
 nearest other caption itself (a hard negative). ``grape-rewards reward-bench --demo`` reads it.
 
-    python benchmarks/make_demo_reward_bench.py        # ~3 min on 2 cores; seeded, so the file is reproducible
+    python benchmarks/make_demo_reward_bench.py        # ~5 min on 2 cores; seeded (Python and torch)
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -162,21 +163,31 @@ def test_demo_names_every_rewrite_tied_at_the_top():
 
 
 @pytest.mark.slow
-def test_cli_demo_ranks_the_english_rewrite_above_the_chinese_original(capsys, tmp_path):
+def test_cli_demo_ranks_the_english_rewrite_above_the_chinese_original(capsys, tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert main(["demo", "--device", "cpu", "--json", str(tmp_path / "demo.json")]) == 0
+    assert list(temp.glob("grape*")) == [], "the demo's temporary index was left behind"
     printed = capsys.readouterr().out
     assert "Chinese query" in printed
     rows = json.loads((tmp_path / "demo.json").read_text())
     for query_id in dict.fromkeys(r["query_id"] for r in rows):  # each group's verdict names every tied rewrite
         group = [r for r in rows if r["query_id"] == query_id and r["candidate"] > 0]
         top = [r for r in group if r["rank_reward"] == max(g["rank_reward"] for g in group)]
-        expected = preference("rank reward", [r["text"] for r in group], [r["rank_reward"] for r in group])
+        expected = preference("log", [r["text"] for r in group], [r["rank_reward"] for r in group])
         assert ("tie at" in expected) == (len(top) > 1) and "   " + expected + "\n" in printed
     zh = [r for r in rows if r["query_id"] == "zh-frisbee"]
     original, english = zh[0], zh[1]
     assert english["rank"] < original["rank"]
     assert english["rank_reward"] > original["rank_reward"]
     assert "score inflation" in printed
+    differ = re.search(r"they pick different rewrites in (\d+) of 100 groups; BM25, which neither reward sees, ranks "
+                       r"the target higher with log's pick in (\d+) and with similarity's in (\d+)", printed)
+    assert differ, printed
+    assert int(differ[2]) + int(differ[3]) <= int(differ[1]) <= 100
 
 
 @pytest.mark.slow
