@@ -237,7 +237,7 @@ def register(subparsers: Any) -> None:
                                                          "run can be repeated with --candidates")
     other = p.add_argument_group("other")
     other.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    other.add_argument("--no-plot", action="store_true", help="skip the png (no matplotlib needed)")
+    other.add_argument("--no-plot", action="store_true", help="skip the png (made only with matplotlib)")
     other.add_argument("--quiet", action="store_true", help="no progress bars")
     other.add_argument("--record-command", action=argparse.BooleanOptionalAction, default=True,
                        help="write the command line into the results (default on)")

@@ -4,6 +4,7 @@ picked) and ``scored.jsonl`` (every candidate's rewards and judgements), all wri
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,7 +143,7 @@ def write_reward_bench(result: RewardBenchResult, out: str | Path, *, title: str
     for key, rows in (("picks", result.picks), ("scored", result.scored)):
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         atomic_write_bytes(files[key], text.encode("utf-8"))
-    if plot_png:
+    if plot_png and importlib.util.find_spec("matplotlib") is not None:  # the figure needs matplotlib (the eval extra)
         files["png"] = out / f"{name}.png"
         plot(result.summary, files["png"])
     return {k: str(v) for k, v in files.items()}
