@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace, demo: bool = False) -> int:
 def build_demo_index(out: str, retriever_spec: str | None, device: str) -> None:
     """Embed the packaged demo captions into ``out`` (by ``retriever_spec``, default the demo's MiniLM)."""
     from .corpus import build_index, read_source
-    from .demo import DEFAULT_RETRIEVER, data_path
+    from .demo_data import DEFAULT_RETRIEVER, data_path
     from .retrievers import create_retriever
 
     spec = retriever_spec or DEFAULT_RETRIEVER

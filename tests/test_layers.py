@@ -16,12 +16,12 @@ LAYERS: dict[str, int] = {
     "devices": 0, "jsonl": 0, "index_list": 0, "_version": 0,  # helpers every layer may use
     "retrievers": 1,
     "rewards": 2, "corpus": 2, "labels": 2,  # siblings: rewards and corpus never import each other
-    "scorer": 3, "alarms": 3, "ensemble": 3, "framework_io": 3, "scoring_io": 3,
+    "scorer": 3, "alarms": 3, "demo_data": 3, "ensemble": 3, "framework_io": 3, "scoring_io": 3,
     "server": 4, "client": 4,
     "adapters": 5,
     "distributed": 6,
-    "datasets": 7, "eval": 7, "rewrite": 7, "prepare": 7, "demo": 7, "cli_args": 7, "serve_cli": 7,
-    "cli": 8,
+    "datasets": 7, "eval": 7, "rewrite": 7, "prepare": 7, "cli_args": 7, "serve_cli": 7,
+    "cli": 8, "demo": 8,  # the demo shows the scorer and the reward benchmark side by side
 }
 """Each top-level module or package of grape_rewards and its layer (the root ``__init__`` only re-exports)."""
 FORBIDDEN = {("rewards", "corpus"), ("corpus", "rewards"), ("adapters", "server"), ("client", "server"),

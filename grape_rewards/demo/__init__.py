@@ -8,41 +8,21 @@ packaged reward-benchmark groups where the two rewards disagree, and what the pr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
-import tempfile
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..corpus import CorpusIndex, build_index, read_source
+from ..corpus import CorpusIndex
+from ..demo_data import DEFAULT_RETRIEVER, built_demo_index, data_path
 from ..retrievers import Retriever, create_retriever
 from ..rewards import RewardConfig
 from ..scorer import RewardItem, RewardScorer
 
-DEFAULT_RETRIEVER = "text:all-MiniLM-L6-v2"
-
-
-def data_path(name: str) -> Path:
-    """A file shipped in ``grape_rewards/demo/data``."""
-    return Path(str(resources.files(__package__) / "data" / name))
-
-
-@contextlib.contextmanager
-def built_demo_index(retriever: Retriever) -> Iterator[Path]:
-    """The shipped captions embedded by ``retriever`` into a temporary index folder, removed on exit."""
-    if retriever.corpus_modality != "text":
-        raise ValueError(f"the embedded demo corpus is text captions; {retriever.spec!r} embeds images: pass --index "
-                         "(an index built with it) and --queries")
-    with tempfile.TemporaryDirectory(prefix="grape-demo-") as tmp:
-        folder = Path(tmp) / "index"
-        build_index(read_source(data_path("captions.jsonl")), retriever, folder, progress=False)
-        yield folder
-
+__all__ = ["DEFAULT_RETRIEVER", "built_demo_index", "data_path", "run_demo"]
 
 @dataclass
 class DemoQuery:

@@ -125,7 +125,7 @@ def sample_candidates(queries: Sequence[Any], args: argparse.Namespace) -> list[
 @contextlib.contextmanager
 def demo_inputs(args: argparse.Namespace) -> Iterator[tuple[Path, Path, Path]]:
     """The demo's index (built into a temporary folder, removed afterwards), queries and corpus."""
-    from ..demo import DEFAULT_RETRIEVER, built_demo_index, data_path
+    from ..demo_data import DEFAULT_RETRIEVER, built_demo_index, data_path
     from ..retrievers import create_retriever
 
     retriever = create_retriever(DEFAULT_RETRIEVER, device=args.device)
