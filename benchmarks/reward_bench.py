@@ -612,6 +612,7 @@ def stage_run(plan: Plan, stage: str) -> dict[str, Any]:
     queries = [q for d in seeds for q in bench_queries(d, d.split("heldout", plan.heldout_limit))]
     minutes["scoring and judging"] = (time.perf_counter() - t) / 60
     record["decision"] = decide(plan, result, queries, candidates)
+    record["queries"] = len(queries)
     record["rewards"] = {name: config.model_dump(exclude={"alarms"}) for name, config in configs.items()}
     record["summary"] = result.summary
     record["stage_minutes"] = minutes
@@ -652,6 +653,43 @@ def write_outputs(plan: Plan, record: dict[str, Any], started: float) -> None:
                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in truth_rows).encode("utf-8"))
     _write(plan.out / plan.name, record, heldout_markdown(record))
     plot(record["summary"], plan.out / f"{plan.name}.png")
+    if plan.name == Plan.name and plan.out == RESULTS:  # the recorded run: the demo prints its conclusion
+        write_demo_conclusion(record)
+
+
+def conclusion(record: dict[str, Any]) -> str:
+    """What the run concluded, in a few sentences for ``grape-rewards demo`` (figures from the record)."""
+    d = record["decision"]
+    p = d["primary"]
+    key = f"ci_{d['level']}"
+    level = "seeds then queries" if d["level"] == "groups" else "queries"
+
+    def versus(name: str) -> str:
+        stat = p[name]["vs_similarity"]
+        return f"{100 * stat['diff']:+.1f} points [{100 * stat[key][0]:+.1f}, {100 * stat[key][1]:+.1f}]"
+
+    best = max(ELIGIBLE, key=lambda n: p[n]["R@1"])
+    text = (f"The pre-registered reward benchmark ({record['queries']} held-out queries over "
+            f"{len(record['plan']['seeds'])} "
+            f"task seeds, {record['plan']['samples']} SmolLM2 rewrites each, judged by the ground truth, which no "
+            f"reward sees): the rewrite similarity picks is correct {100 * p['similarity']['R@1']:.1f}% of the "
+            f"time, the one log (the former default) picks {100 * p['log']['R@1']:.1f}% ({versus('log')} against "
+            f"similarity), the best rank-family reward, {best}, {100 * p[best]['R@1']:.1f}% ({versus(best)}); "
+            f"{100 * d['confidence']:.2f}% intervals over {level}. Decision by the pre-registered rule: "
+            f"the default is {d['default']} ({d['reason']}).")
+    if d["similarity_beats_every_eligible"]:
+        text += " Similarity beat every eligible rank-family reward."
+    return text + " Details: benchmarks/results/reward-bench.md in the repository."
+
+
+def write_demo_conclusion(record: dict[str, Any]) -> Path:
+    """The conclusion the demo prints, ``grape_rewards/demo/data/reward_bench_result.json``."""
+    from grape_rewards.demo_data import data_path
+
+    path = data_path("reward_bench_result.json")
+    atomic_write_bytes(path, (json.dumps({"conclusion": conclusion(record), "default": record["decision"]["default"]},
+                                         indent=2) + "\n").encode("utf-8"))
+    return path
 
 
 def _write(stem: Path, record: dict[str, Any], text: str) -> None:

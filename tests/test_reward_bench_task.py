@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import miniature_task as task  # noqa: E402
+import reward_bench  # noqa: E402
 import reward_bench_task as rbt  # noqa: E402
 
 
@@ -85,6 +86,8 @@ def test_quick_run_writes_every_output_and_its_picks_recompute(tmp_path: Path) -
         assert (out / name).is_file(), name
     assert set(record["validation"]["judges"]) == {"truth", "bm25", "minilm"}
     assert record["decision"]["default"] in ("log", *record["design"]["eligible"])
+    said = reward_bench.conclusion(record)  # what the demo prints after the recorded run, from the same record
+    assert f"the default is {record['decision']['default']} (" in said and "12 held-out queries over 2" in said
     # One reward's primary figure, recomputed from the written picks and judgements.
     scored = [json.loads(line) for line in (out / "reward-bench" / "scored.jsonl").read_text().splitlines()]
     picks = [json.loads(line) for line in (out / "reward-bench" / "picks.jsonl").read_text().splitlines()]
