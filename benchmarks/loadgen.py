@@ -229,7 +229,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
 
 async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int, duration_s: float,
                    warmup_s: float = 1.0, token: str | None = None, new_connection: bool = False,
-                   check: Callable[[int, bytes], None] | None = None) -> LoadResult:
+                   check: Callable[[int, bytes], None] | None = None, min_answers: int = 0,
+                   max_extra_s: float = 120.0) -> LoadResult:
     """Run ``concurrency`` closed-loop workers against ``url``; measure the answers of a ``duration_s`` window.
 
     Workers send from the start; the answers that arrive in ``[warmup_s, warmup_s + duration_s]`` are
@@ -240,6 +241,9 @@ async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int
         make_body: the JSON body of request number ``i`` (a distinct ``i`` per request).
         new_connection: open a new connection for every request (OpenRLHF's client does).
         check: called with (i, response body) of every 200 answer (e.g. to verify rewards).
+        min_answers: keep the window open past ``duration_s`` until this many answers are counted (at most
+            ``max_extra_s`` longer): a test asks for a number of answers, not for a speed, so a busy machine makes it
+            slower, not red. The result's ``duration_s`` is then the window's real length.
     """
     parts = urlsplit(url)
     host, port, path = parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/"
@@ -254,11 +258,16 @@ async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int
     loop = asyncio.get_running_loop()
     measure_from = loop.time() + warmup_s
     stop_at = measure_from + duration_s
+    deadline = stop_at + max_extra_s
+
+    def open_at(t: float) -> bool:
+        """Whether the window is open at time ``t``: its planned length, or longer while answers are missing."""
+        return t <= stop_at or (len(latencies) < min_answers and t <= deadline)
 
     async def worker() -> None:
         nonlocal counter, errors
         reader = writer = None
-        while loop.time() < stop_at:
+        while open_at(loop.time()):
             i = counter
             counter += 1
             body = make_body(i)
@@ -277,7 +286,7 @@ async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int
                 await asyncio.sleep(0.05)
                 continue
             t1 = loop.time()
-            if measure_from <= t1 <= stop_at:
+            if measure_from <= t1 and open_at(t1):
                 latencies.append(t1 - t0)
                 done_at.append(t1)
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
@@ -294,9 +303,10 @@ async def run_load(url: str, make_body: Callable[[int], bytes], concurrency: int
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     ok = latencies
+    window = max(duration_s, (max(done_at) - measure_from) if done_at else 0.0)  # longer only with min_answers
     return LoadResult(
-        concurrency=concurrency, requests=len(latencies), errors=errors, duration_s=duration_s,
-        rps=burst_throughput(done_at, duration_s), rps_window=len(latencies) / duration_s,
+        concurrency=concurrency, requests=len(latencies), errors=errors, duration_s=window,
+        rps=burst_throughput(done_at, window), rps_window=len(latencies) / window,
         p50_ms=percentile(ok, 0.5) * 1000, p99_ms=percentile(ok, 0.99) * 1000,
         mean_ms=statistics.fmean(ok) * 1000 if ok else float("nan"), statuses=statuses)
 
