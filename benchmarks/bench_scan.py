@@ -14,6 +14,7 @@ that ranks spread from 1 to the thousands as a GRPO batch's do). Timed per 1,024
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -47,6 +48,7 @@ def main() -> int:
     stats = {name: corpus_rank(q, corpus, targets, extras=extras) for name, extras in VARIANTS.items()}
     assert all(torch.equal(s.rank, stats["plain"].rank) for s in stats.values())  # extras never change a rank
     ranks = stats["plain"].rank.float()
+    load_before = list(os.getloadavg())
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, extras in VARIANTS.items():
@@ -60,10 +62,14 @@ def main() -> int:
         "seconds_per_1024": {name: m * 1024 / args.queries for name, m in median.items()},
         "ratio_to_plain": {name: m / median["plain"] for name, m in median.items()},
         "all_seconds": times,
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
     }
     lines = ["# The graded ranks' cost in the corpus scan (CPU)", "", "{header}",
              f"{args.queries} queries x {args.items:,} items x {args.dim} dims, float32; ranks' quartiles "
-             f"{result['rank_quartiles']}; median of {args.rounds} interleaved rounds.", "",
+             f"{result['rank_quartiles']}; median of {args.rounds} interleaved rounds. Load average (1, 5, 15 min) "
+             f"{', '.join(f'{x:.1f}' for x in load_before)} before, "
+             f"{', '.join(f'{x:.1f}' for x in result['load_average']['after'])} after: on a busy machine the "
+             "ratios, measured in the same rounds, mean more than the seconds.", "",
              "| scan | s per 1,024 samples | x plain |", "|---|---|---|"]
     for name in VARIANTS:
         lines.append(f"| {name} | {result['seconds_per_1024'][name]:.3f} | {result['ratio_to_plain'][name]:.2f} |")
