@@ -701,8 +701,9 @@ def _write(stem: Path, record: dict[str, Any], text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["validate", "dev", "heldout"], default="heldout",
-                        help="validate: the task only; dev: the temperatures; heldout (default): the whole run")
+    parser.add_argument("--stage", choices=["validate", "dev", "heldout", "conclusion"], default="heldout",
+                        help="validate: the task only; dev: the temperatures; heldout (default): the whole run; "
+                             "conclusion: the demo's conclusion again, from the recorded run's files")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every stage on a tiny task")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--resume", action="store_true",
@@ -713,6 +714,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = quick_plan(out) if args.quick else replace(Plan(), out=out)
     if not args.resume and any(plan.folder.glob("*candidates-seed*.jsonl")) and not args.quick:
         say(f"{plan.folder} holds sampled candidates: resuming from them (pass --resume to say so)")
+    if args.stage == "conclusion":
+        record = json.loads((plan.out / f"{plan.name}.json").read_text(encoding="utf-8"))
+        if "queries" not in record:  # a record written before it counted them: its candidates do
+            rows = (plan.folder / "candidates.jsonl").read_text(encoding="utf-8").splitlines()
+            record["queries"] = len({json.loads(row)["query_id"] for row in rows})
+        say(f"wrote {write_demo_conclusion(record)}")
+        return 0
     if args.quick:
         for stale in plan.folder.glob("*candidates-seed*.jsonl"):
             stale.unlink()
