@@ -673,7 +673,8 @@ def conclusion(record: dict[str, Any]) -> str:
             f"{len(record['plan']['seeds'])} "
             f"task seeds, {record['plan']['samples']} SmolLM2 rewrites each, judged by the ground truth, which no "
             f"reward sees): the rewrite similarity picks is correct {100 * p['similarity']['R@1']:.1f}% of the "
-            f"time, the one log (the former default) picks {100 * p['log']['R@1']:.1f}% ({versus('log')} against "
+            f"time, the one log ({'the default' if d['default'] == 'log' else 'the former default'}) picks "
+            f"{100 * p['log']['R@1']:.1f}% ({versus('log')} against "
             f"similarity), the best rank-family reward, {best}, {100 * p[best]['R@1']:.1f}% ({versus(best)}); "
             f"{100 * d['confidence']:.2f}% intervals over {level}. Decision by the pre-registered rule: "
             f"the default is {d['default']} ({d['reason']}).")
@@ -712,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     out = args.out or (Path("/tmp/grape-reward-bench-quick") if args.quick else RESULTS)
     plan = quick_plan(out) if args.quick else replace(Plan(), out=out)
-    if not args.resume and any(plan.folder.glob("*candidates-seed*.jsonl")) and not args.quick:
+    if not args.resume and any(plan.folder.glob("*candidates-seed*.jsonl")) and not args.quick \
+            and args.stage != "conclusion":
         say(f"{plan.folder} holds sampled candidates: resuming from them (pass --resume to say so)")
     if args.stage == "conclusion":
         record = json.loads((plan.out / f"{plan.name}.json").read_text(encoding="utf-8"))
