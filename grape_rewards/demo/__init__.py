@@ -24,6 +24,7 @@ from ..scorer import RewardItem, RewardScorer
 
 __all__ = ["DEFAULT_RETRIEVER", "built_demo_index", "data_path", "run_demo"]
 
+
 @dataclass
 class DemoQuery:
     query_id: str
