@@ -225,13 +225,20 @@ def print_disagreements(rank_scorer: RewardScorer, sim_scorer: RewardScorer, nam
     from ..eval.reward_bench_data import read_bench_queries
 
     queries, candidates = read_bench_queries(data_path("reward_bench.jsonl"))
+    judge = _bm25(texts)
+    positions = None  # the target's expected position under BM25 for every candidate, judged in one call
+    if judge is not None:
+        judged = judge.judge(candidates, {q.query_id: q for q in queries})
+        positions = 1.0 + judged.above + judged.tied / 2.0
     by_query: dict[str, list[str]] = {q.query_id: [] for q in queries}
-    for c in candidates:
+    position_of: dict[str, list[float]] = {q.query_id: [] for q in queries}
+    for i, c in enumerate(candidates):
         by_query[c.query_id].append(c.rewrite)
+        if positions is not None:
+            position_of[c.query_id].append(float(positions[i]))
     items = [RewardItem(rewrite=t, target_ids=list(q.target_ids)) for q in queries for t in by_query[q.query_id]]
     a = [s["reward"] for s in rank_scorer.score(items)]
     b = [s["reward"] for s in sim_scorer.score(items)]
-    judge = _bm25(texts)
     counts = {"groups": len(queries), "differ": 0, "judge_prefers_reward": 0, "judge_prefers_similarity": 0}
     examples: dict[str, tuple[Any, list[str], list[str], str]] = {}
     start = 0
@@ -245,8 +252,8 @@ def print_disagreements(rank_scorer: RewardScorer, sim_scorer: RewardScorer, nam
         counts["differ"] += 1
         if judge is None:
             continue
-        pos_a = sum(judge(group[j], q.target_ids[0]) for j in pick_a) / len(pick_a)
-        pos_b = sum(judge(group[j], q.target_ids[0]) for j in pick_b) / len(pick_b)
+        pos_a = sum(position_of[q.query_id][j] for j in pick_a) / len(pick_a)
+        pos_b = sum(position_of[q.query_id][j] for j in pick_b) / len(pick_b)
         if pos_a == pos_b:
             continue
         side = "judge_prefers_reward" if pos_a < pos_b else "judge_prefers_similarity"
@@ -284,23 +291,16 @@ def _position(position: float) -> str:
 
 
 def _bm25(texts: dict[str, str | None]) -> Any:
-    """A function (rewrite, target id) -> the target's expected position under BM25 over ``texts``, or None without
-    bm25s or without the texts."""
+    """BM25 over the corpus ``texts`` (a judge of the reward benchmark), or None without bm25s or without the texts."""
     from ..eval.judges import BM25Judge
-    from ..eval.reward_bench_data import BenchCandidate, BenchInputError, BenchQuery
+    from ..eval.reward_bench_data import BenchInputError
 
     if any(t is None for t in texts.values()):
         return None
     try:
-        judge = BM25Judge("bm25", {k: v for k, v in texts.items() if v is not None})
+        return BM25Judge("bm25", {k: v for k, v in texts.items() if v is not None})
     except BenchInputError:  # bm25s is not installed
         return None
-
-    def position(rewrite: str, target: str) -> float:
-        j = judge.judge([BenchCandidate("q", rewrite)], {"q": BenchQuery("q", rewrite, (target,))})
-        return 1.0 + float(j.above[0]) + float(j.tied[0]) / 2.0
-
-    return position
 
 
 def benchmark_conclusion() -> str | None:
