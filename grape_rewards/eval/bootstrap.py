@@ -9,6 +9,11 @@ product.
 
 Statistics are ratios of sums, ``sum(numerator) / sum(denominator)``: a mean when the denominators are 1, a micro
 average (e.g. pairwise agreement over all candidate pairs) when they count pairs.
+
+Training runs give a third shape: a seed x query matrix per arm, where every seed (a training run) is scored on the
+same queries. Seeds and queries are then crossed, not nested: :func:`seed_query_statistics` draws each arm's seeds
+with replacement and one draw of the queries shared by every arm (so arms stay paired over queries), and
+:func:`seed_query_interval` takes its percentile interval.
 """
 
 from __future__ import annotations
@@ -83,17 +88,92 @@ def interval(weights: np.ndarray, numerator: np.ndarray, denominator: np.ndarray
     den = np.ones_like(num) if denominator is None else np.asarray(denominator, dtype=np.float64)
     if num.shape != den.shape or num.shape != (weights.shape[1],):
         raise ValueError(f"need arrays of {weights.shape[1]} values, got {num.shape} and {den.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     total = weights @ den
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = (weights @ num) / total
+    return percentile_interval(stats, confidence)
+
+
+def percentile_interval(stats: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` percentile interval of bootstrap statistics (non-finite ones left out).
+
+    >>> percentile_interval(np.arange(101.0), 0.5)
+    (25.0, 75.0)
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    stats = np.asarray(stats, dtype=np.float64)
     stats = stats[np.isfinite(stats)]
     if stats.size == 0:
         return float("nan"), float("nan")
     tail = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(stats, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+LEVELS: tuple[str, ...] = ("seeds", "queries", "both")
+"""What :func:`seed_query_statistics` resamples: the seeds of each arm, the queries, or both (seeds, then queries)."""
+
+
+def seed_query_statistics(a: np.ndarray, b: np.ndarray | None = None, *, level: str = "both",
+                          resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bootstrap resamples of ``mean(a) - mean(b)`` (``mean(a)`` when ``b`` is None) for seed x query matrices.
+
+    ``a`` is (seeds, queries): one row per training seed, every row scored on the same queries; ``b`` is another arm's
+    matrix over the same queries (any number of seeds), or one row (a single deterministic evaluation, such as the
+    untrained policy or the original queries). ``level="seeds"`` draws each matrix's rows with replacement,
+    independently per matrix, the queries fixed; ``"queries"`` draws the columns with replacement, the seeds fixed;
+    ``"both"`` draws both in every resample. The query draw is shared by ``a`` and ``b``: the comparison is paired over
+    queries, and not over seeds (different arms' seeds are different training runs).
+
+    >>> a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    >>> stats = seed_query_statistics(a, np.array([0.0, 0.0]), level="seeds", resamples=400)
+    >>> sorted(set(stats.tolist()))
+    [0.5, 0.75, 1.0]
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    a = _seed_rows(a, "a")
+    arms = [a] if b is None else [a, _seed_rows(b, "b")]
+    queries = a.shape[1]
+    if any(m.shape[1] != queries for m in arms):
+        raise ValueError(f"a and b must score the same queries: {queries} and {arms[-1].shape[1]} columns")
+    if level == "seeds":
+        columns = np.ones((resamples, queries))
+    else:
+        columns = resample_weights(queries, None, resamples, seed)
+    out = np.zeros(resamples)
+    for sign, matrix, offset in zip((1.0, -1.0), arms, (1, 2)):
+        if level == "queries":
+            rows = np.ones((resamples, matrix.shape[0]))
+        else:
+            rows = resample_weights(matrix.shape[0], None, resamples, seed + offset)
+        out += sign * ((rows @ matrix) * columns).sum(axis=1) / (rows.sum(axis=1) * columns.sum(axis=1))
+    return out
+
+
+def seed_query_interval(a: np.ndarray, b: np.ndarray | None = None, *, level: str = "both",
+                        confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The percentile interval of :func:`seed_query_statistics` (``mean(a) - mean(b)``, or ``mean(a)``).
+
+    With two seeds per arm, the seed-level 95% interval of a difference is [min of a's seed means - max of b's,
+    max of a's - min of b's]: each of those extremes has probability 1/16 among the resamples, more than 2.5%.
+
+    >>> a, b = np.array([[0.5, 0.7], [0.2, 0.2]]), np.array([[0.1, 0.1], [0.3, 0.5]])
+    >>> [round(x, 6) for x in seed_query_interval(a, b, level="seeds")]
+    [-0.2, 0.5]
+    """
+    return percentile_interval(seed_query_statistics(a, b, level=level, resamples=resamples, seed=seed), confidence)
+
+
+def _seed_rows(matrix: np.ndarray, name: str) -> np.ndarray:
+    """A (seeds, queries) float matrix; one row for a 1-d array."""
+    out = np.asarray(matrix, dtype=np.float64)
+    if out.ndim == 1:
+        out = out[None, :]
+    if out.ndim != 2 or out.shape[0] < 1 or out.shape[1] < 1:
+        raise ValueError(f"{name} must be a (seeds, queries) matrix with at least one of each, got shape {out.shape}")
+    return out
 
 
 def bootstrap_interval(numerator: np.ndarray, denominator: np.ndarray | None = None, *,
