@@ -127,6 +127,7 @@ class Hyper:
     prompts_per_step: int = 2
     max_completion_length: int = 48
     temperature: float = 1.0
+    top_p: float = 1.0
     steps: int = 40
     midpoint: int | None = 20
     """A held-out evaluation after this step too (None: only at the end)."""
@@ -136,7 +137,7 @@ class Hyper:
 class Sft:
     """The rule-sft warm start: supervised fine-tuning on training queries mapped to rule_rewrite(query)."""
 
-    steps: int = 300
+    steps: int = 120
     batch_size: int = 4
     learning_rate: float = 5e-5
     seed: int = 0
@@ -177,8 +178,8 @@ class Setup:
 
 
 def quick_setup(out: Path) -> Setup:
-    return Setup(seeds=(0, 1), task_seeds=(0, 1), clusters=24, heldout_clusters=2, dev_clusters=2, heldout_limit=4,
-                 dev_limit=6, hyper=Hyper(steps=2, num_generations=2, prompts_per_step=2, max_completion_length=24,
+    return Setup(seeds=(0, 1), task_seeds=(0, 1), clusters=24, heldout_clusters=2, dev_clusters=2, heldout_limit=3,
+                 dev_limit=6, hyper=Hyper(steps=2, num_generations=2, prompts_per_step=2, max_completion_length=12,
                                           midpoint=1),
                  sft=Sft(steps=2, batch_size=2), eval_batch_rows=16, resamples=500, out=out)
 
@@ -463,11 +464,11 @@ def rule_sft(base: Path, queries: Sequence[rbt.TaskQuery], sft: Sft, device: str
             logits = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits, ids[0, -len(answer):], reduction="sum") / answer_tokens
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
-        if step % 25 == 0 or step == sft.steps - 1:
+        if step % 10 == 0 or step == sft.steps - 1:
             say(f"  warm start step {step + 1}/{sft.steps}: loss {total:.3f}")
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -561,7 +562,7 @@ def train_unit(arm: str, seed: int, setup: Setup, task: Task, judges: Judges, po
                ) -> dict[str, Any]:
     """GRPO on one arm's reward from ``policy``; held-out evaluation at the midpoint and at the end."""
     from datasets import Dataset
-    from transformers import TrainerCallback, set_seed
+    from transformers import PrinterCallback, TrainerCallback, set_seed
     from trl import GRPOConfig
 
     from grape_rewards.adapters.trl import make_reward_func
@@ -582,7 +583,7 @@ def train_unit(arm: str, seed: int, setup: Setup, task: Task, judges: Judges, po
              "grape_label": json.dumps({"target_ids": [q.target_id], "query_id": q.query_id,
                                         **({"original_query": q.text} if needs_original else {})})}
             for q in task.train]
-    logs: list[dict[str, Any]] = []
+    step_logs: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
     final: list[dict[str, Any]] = []
     clock = {"step_start": 0.0, "eval_seconds": 0.0, "step_seconds": {}}
@@ -622,7 +623,7 @@ def train_unit(arm: str, seed: int, setup: Setup, task: Task, judges: Judges, po
                    "groups": groups, "format_failures": float(np.mean(rollouts["clipped"])),
                    "train_gt": float(np.mean(rollouts["correct"])), "rollouts": rollouts,
                    "trl": {k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            logs.append(row)
+            step_logs.append(row)
             say(f"  [{arm} seed {seed}] step {row['step']}: reward {row['reward']:+.3f}, zero-spread groups "
                 f"{row['zero_spread_groups']}/{groups} (TRL {row['frac_reward_zero_std']}), clipped "
                 f"{row['format_failures']:.2f}, tokens {row['completion_mean_length']:.1f}, train GT "
@@ -632,12 +633,13 @@ def train_unit(arm: str, seed: int, setup: Setup, task: Task, judges: Judges, po
         output_dir=str(work / f"trl-{arm}-{seed}"), use_cpu=setup.device == "cpu", seed=seed, data_seed=seed,
         per_device_train_batch_size=hyper.prompts_per_step * hyper.num_generations,
         num_generations=hyper.num_generations, max_completion_length=hyper.max_completion_length,
-        temperature=hyper.temperature, learning_rate=hyper.learning_rate, lr_scheduler_type="constant",
+        temperature=hyper.temperature, top_p=hyper.top_p, learning_rate=hyper.learning_rate, lr_scheduler_type="constant",
         max_steps=hyper.steps, beta=0.0, mask_truncated_completions=False, logging_steps=1, report_to="none",
         save_strategy="no", bf16=False, log_completions=False, disable_tqdm=True, gradient_checkpointing=False)
     trainer = gm.completion_logprob_trainer()(
         model=model, reward_funcs=[reward], args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, callbacks=[Watch()])
+    trainer.remove_callback(PrinterCallback)  # the step lines above say what matters; no raw log dicts
     reward.stops = frozenset({*trainer.eos_token_ids, tokenizer.pad_token_id})
     started = time.perf_counter()
     trainer.train()
@@ -647,7 +649,7 @@ def train_unit(arm: str, seed: int, setup: Setup, task: Task, judges: Judges, po
     shutil.rmtree(work / f"trl-{arm}-{seed}", ignore_errors=True)
     return {"reward": {"name": name, "relative_to_original": relative,
                        "config": config.model_dump(mode="json", exclude={"alarms"})},
-            "logs": logs, "evals": evals, "heldout": final,
+            "logs": step_logs, "evals": evals, "heldout": final,
             "seconds": {"train": train_seconds, "evals": clock["eval_seconds"]}}
 
 
@@ -864,10 +866,11 @@ def build_report(setup: Setup) -> dict[str, Any]:
     trained = [u for u in units if u["arm"] in TRAINED]
     reference = (trained or units)[0]
     for u in units:
-        keys = set(u["setup"]) - {"reward"}
-        same_arm = next((t for t in trained if t["arm"] == u["arm"]), reference)
+        keys = set(u["setup"]) - {"reward", "hyper"} if u["arm"] not in TRAINED else set(u["setup"]) - {"reward"}
         diff = differences({k: reference["setup"].get(k) for k in keys}, {k: u["setup"][k] for k in keys})
-        diff += differences(same_arm["setup"].get("reward"), u["setup"].get("reward"), "reward")
+        if u["arm"] in TRAINED:
+            same_arm = next(t for t in trained if t["arm"] == u["arm"])
+            diff += differences(same_arm["setup"]["reward"], u["setup"]["reward"], "reward")
         if diff:
             raise SystemExit(f"{setup.folder}: unit {u['unit']} was run with another setup than "
                              f"{reference['unit']} ({'; '.join(diff)}); keep one run's units in a folder")
@@ -976,13 +979,20 @@ def markdown(result: dict[str, Any], command: str) -> str:
     for arm, stats in result["arms"].items():
         for seed, per in stats["per_seed"].items():
             lines.append(f"| {arm} seed {seed} | " + " | ".join(cell(per[m], "ci_queries") for m in METRICS) + " |")
-    lines += ["", "Paired differences (points; 95% intervals: seeds then queries / seeds only / queries only):", "",
-              "| comparison | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += ["", "Paired differences, ground-truth R@1 (points; 95% intervals):", "",
+              "| comparison | difference | seeds then queries | seeds only | queries only |", "|---|---|---|---|---|"]
+    for name, diff in result["paired"].items():
+        d = diff[PRIMARY]
+        lines.append(f"| {name.replace('_minus_', ' - ')} | {100 * d['diff']:+.1f} | "
+                     + " | ".join(f"[{100 * d[k][0]:+.1f}, {100 * d[k][1]:+.1f}]"
+                                  for k in ("ci_both", "ci_seeds", "ci_queries")) + " |")
+    secondary = [m for m in METRICS if m != PRIMARY]
+    lines += ["", "Paired differences under the other judges (points; 95% intervals, seeds then queries):", "",
+              "| comparison | " + " | ".join(secondary) + " |", "|---|" + "---|" * len(secondary)]
     for name, diff in result["paired"].items():
         lines.append(f"| {name.replace('_minus_', ' - ')} | " + " | ".join(
-            f"{100 * diff[m]['diff']:+.1f} [{100 * diff[m]['ci_both'][0]:+.1f}, {100 * diff[m]['ci_both'][1]:+.1f}] / "
-            f"[{100 * diff[m]['ci_seeds'][0]:+.1f}, {100 * diff[m]['ci_seeds'][1]:+.1f}] / "
-            f"[{100 * diff[m]['ci_queries'][0]:+.1f}, {100 * diff[m]['ci_queries'][1]:+.1f}]" for m in METRICS) + " |")
+            f"{100 * diff[m]['diff']:+.1f} [{100 * diff[m]['ci_both'][0]:+.1f}, {100 * diff[m]['ci_both'][1]:+.1f}]"
+            for m in secondary) + " |")
     lines += ["", "Ground-truth R@1 per query kind (%, mean over seeds):", "",
               "| | " + " | ".join(rbt.QUERY_KINDS) + " |", "|---|" + "---|" * len(rbt.QUERY_KINDS)]
     kinds = {**{f"{k} (reference)": v for k, v in result["reference_kinds"].items()},
@@ -1157,12 +1167,16 @@ def start_markdown(result: dict[str, Any]) -> str:
 
 
 def stage_time(setup: Setup, steps: int, command: str) -> dict[str, Any]:
-    """One rank unit of ``steps`` steps (in a scratch folder), its per-step time and evaluation time, and the cost of a
-    full unit and of every unit extrapolated from them."""
+    """One rank unit of ``steps`` steps (in a scratch folder, evaluated on the dev queries), its per-step time and
+    evaluation time, and the cost of a full unit and of every unit extrapolated from them."""
     scratch = replace(setup, out=CACHE / "timing", hyper=replace(setup.hyper, steps=steps, midpoint=None))
     shutil.rmtree(scratch.folder, ignore_errors=True)
     task = load_task(scratch)
-    judges = Judges(task, scratch.task_seeds, scratch.device)
+    heldout = len(task.heldout)
+    # Timed on the dev queries, never the held-out ones (nothing held out is seen before the pre-registration);
+    # the evaluation's time is scaled to the held-out count.
+    task = replace(task, heldout=[(setup.train_seed, q) for q in task.dev])
+    judges = Judges(task, (setup.train_seed,), scratch.device)
     t = time.perf_counter()
     policy = start_policy(scratch, task)
     policy_minutes = (time.perf_counter() - t) / 60
@@ -1170,14 +1184,15 @@ def stage_time(setup: Setup, steps: int, command: str) -> dict[str, Any]:
     per_step = [r["seconds"] for r in unit["logs"] if r["seconds"] is not None]
     steady = per_step[1:] or per_step
     step_s = float(np.mean(steady))
-    eval_s = unit["seconds"]["evals"]
-    setup_s = unit["seconds"]["total"] - unit["seconds"]["train"] - eval_s
+    setup_s = unit["seconds"]["total"] - unit["seconds"]["train"] - unit["seconds"]["evals"]
+    eval_s = unit["seconds"]["evals"] * heldout / len(task.heldout)
     evals = 1 + (setup.hyper.midpoint is not None and setup.hyper.midpoint < setup.hyper.steps)
     unit_min = (setup_s + setup.hyper.steps * step_s + evals * eval_s) / 60
     trained_units = len(setup.seeds) * len(TRAINED)
     result = {"command": command, "measured_steps": steps, "step_seconds": per_step,
               "step_seconds_mean_after_first": step_s, "eval_seconds": eval_s, "unit_overhead_seconds": setup_s,
-              "heldout_queries": len(task.heldout), "hyper": asdict(setup.hyper), "warm_start": setup.warm_start,
+              "heldout_queries": heldout, "timed_on_dev_queries": len(task.heldout), "hyper": asdict(setup.hyper),
+              "warm_start": setup.warm_start,
               "start_policy_minutes": policy_minutes,
               "extrapolated": {"unit_minutes": unit_min, "evaluations_per_unit": evals, "trained_units": trained_units,
                                "untrained_unit_minutes": (setup_s + eval_s) / 60,
@@ -1215,8 +1230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-step", type=int)
     parser.add_argument("--num-generations", type=int, help="GRPO group size")
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--temperature", type=float, help="sampling temperature of the rollouts (default 1.0)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling of the rollouts (default 1.0: none)")
     parser.add_argument("--max-completion-length", type=int, help="the completion budget in tokens (default 48)")
-    parser.add_argument("--sft-steps", type=int, help="rule-sft warm start: steps (default 300)")
+    parser.add_argument("--sft-steps", type=int, help="rule-sft warm start: steps (default 120)")
     parser.add_argument("--time-steps", type=int, default=6, help="--stage time: steps of the timed unit (default 6)")
     parser.add_argument("--policy", help="a local transformers model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="cpu")
@@ -1233,7 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
         setup.seeds = tuple(args.seeds)
     if args.task_seeds:
         setup.task_seeds = tuple(args.task_seeds)
-    for key in ("steps", "prompts_per_step", "num_generations", "learning_rate", "max_completion_length"):
+    for key in ("steps", "prompts_per_step", "num_generations", "learning_rate", "max_completion_length",
+                "temperature", "top_p"):
         if getattr(args, key) is not None:
             setattr(setup.hyper, key, getattr(args, key))
     if args.steps is not None and args.midpoint is None:
