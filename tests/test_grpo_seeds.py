@@ -117,7 +117,8 @@ def test_quick_run_resumes_after_a_killed_unit_and_records_what_it_judged(tmp_pa
     refused = _run(tmp_path)
     assert refused.returncode != 0 and "pass --resume" in refused.stderr
     other = _run(tmp_path, "--resume", "--reward", "margin-log")
-    assert other.returncode != 0 and "was run with another setup (reward.name: log -> margin-log" in other.stderr
+    assert other.returncode != 0 and "rank-seed0.json was run with another setup" in other.stderr
+    assert "reward.name: log -> margin-log" in other.stderr and "pass the options it was run with" in other.stderr
     proc = _run(tmp_path, "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 unit(s) to run, 3 already written" in proc.stdout
