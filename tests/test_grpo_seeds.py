@@ -73,7 +73,7 @@ def test_report_figures_equal_a_direct_computation(tmp_path: Path) -> None:
     assert both[0] <= paired["ci_seeds"][0] + 0.02 and both[1] >= paired["ci_seeds"][1] - 0.02  # queries add spread
     assert result["references"]["original"]["gt_r1"]["mean"] == 0.5
     assert result["units"]["planned"] == result["units"]["finished"] == 7 and not result["units"]["missing"]
-    assert result["verdict"].startswith("**Held.**") == (both[0] > 0)
+    assert result["verdict"].startswith("**Held**.") == (both[0] > 0)
     assert result["start_target"] == {"untrained_minus_original_gt_r1": -0.5, "met": False}
 
 
